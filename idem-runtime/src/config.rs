@@ -1,0 +1,349 @@
+//! The runtime handle, its builder, and per-route settings.
+//!
+//! ```
+//! use std::time::Duration;
+//! use idem_runtime::{Idempotency, store::MemoryStore};
+//!
+//! let idem = Idempotency::builder()
+//!     .store(MemoryStore::new(128 << 20))
+//!     .lease(Duration::from_secs(10))
+//!     .max_response_bytes(256 << 10)
+//!     .build();
+//! let app: axum::Router = axum::Router::new()
+//!     // .route("/payments", axum::routing::post(create_payment))
+//!     .layer(idem.layer());
+//! # drop(app);
+//! ```
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::response::Response;
+use http::HeaderName;
+use tokio_util::task::TaskTracker;
+
+use crate::layer::IdempotencyLayer;
+use crate::problem::{self, JsonProblems, Problem, RenderProblem};
+use crate::record::DEFAULT_REPLAYED_HEADERS;
+use crate::store::{MemoryStore, Store};
+
+/// The idem runtime: the store, the defaults and the running handlers. Cheap to clone.
+///
+/// Build one with [`Idempotency::builder`], attach it to the router with
+/// [`Idempotency::layer`], and after the server stops call [`Idempotency::shutdown`] so handlers
+/// still running finish and record their results.
+#[derive(Clone)]
+pub struct Idempotency {
+    pub(crate) inner: Arc<Runtime>,
+}
+
+pub(crate) struct Runtime {
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) lease: Duration,
+    pub(crate) max_run_time: Duration,
+    pub(crate) max_response_bytes: usize,
+    pub(crate) replayed_headers: Vec<HeaderName>,
+    pub(crate) problems: Box<dyn RenderProblem>,
+    pub(crate) tasks: TaskTracker,
+}
+
+impl Idempotency {
+    /// Starts a builder with the documented defaults.
+    pub fn builder() -> IdempotencyBuilder {
+        IdempotencyBuilder::default()
+    }
+
+    /// The layer that makes this runtime available to `#[idempotent]` handlers. Add it with
+    /// `Router::layer` after the routes it covers (axum applies a layer to the routes added before
+    /// it).
+    pub fn layer(&self) -> IdempotencyLayer {
+        IdempotencyLayer::new(self.clone())
+    }
+
+    /// The configured store.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.inner.store
+    }
+
+    /// Handlers currently running (including ones whose client went away).
+    pub fn running(&self) -> usize {
+        self.inner.tasks.len()
+    }
+
+    /// Waits until every running handler has finished and its result was recorded. Call it after
+    /// the server has stopped accepting requests (after `axum::serve(…).with_graceful_shutdown(…)`
+    /// returns): handlers keep running when their client disconnects, and this is how a process
+    /// lets them finish before it exits.
+    pub async fn shutdown(&self) {
+        self.inner.tasks.close();
+        self.inner.tasks.wait().await;
+        self.inner.tasks.reopen();
+    }
+
+    /// Renders a problem with the configured renderer, adding the standard headers.
+    pub fn problem_response(&self, problem: &Problem) -> Response {
+        problem::respond(self.inner.problems.as_ref(), problem)
+    }
+}
+
+impl fmt::Debug for Idempotency {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Idempotency")
+            .field("lease", &self.inner.lease)
+            .field("max_run_time", &self.inner.max_run_time)
+            .field("max_response_bytes", &self.inner.max_response_bytes)
+            .field("running", &self.running())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Builds an [`Idempotency`] runtime. Every setter states its default.
+#[must_use]
+pub struct IdempotencyBuilder {
+    store: Option<Arc<dyn Store>>,
+    lease: Duration,
+    max_run_time: Duration,
+    max_response_bytes: usize,
+    replayed_headers: Vec<HeaderName>,
+    problems: Option<Box<dyn RenderProblem>>,
+    problem_base: Option<String>,
+}
+
+impl Default for IdempotencyBuilder {
+    fn default() -> Self {
+        Self {
+            store: None,
+            lease: Self::DEFAULT_LEASE,
+            max_run_time: Self::DEFAULT_MAX_RUN_TIME,
+            max_response_bytes: Self::DEFAULT_MAX_RESPONSE_BYTES,
+            replayed_headers: DEFAULT_REPLAYED_HEADERS.to_vec(),
+            problems: None,
+            problem_base: None,
+        }
+    }
+}
+
+impl IdempotencyBuilder {
+    /// Default in-flight lease: 30 seconds.
+    pub const DEFAULT_LEASE: Duration = Duration::from_secs(30);
+    /// Default cap on how long a lease is renewed for one execution: 5 minutes.
+    pub const DEFAULT_MAX_RUN_TIME: Duration = Duration::from_mins(5);
+    /// Default largest recorded response body: 1 MiB.
+    pub const DEFAULT_MAX_RESPONSE_BYTES: usize = 1 << 20;
+
+    /// The record store. Default: a [`MemoryStore`] of [`MemoryStore::DEFAULT_CAPACITY_BYTES`]
+    /// (single instance only).
+    pub fn store(mut self, store: impl Store) -> Self {
+        self.store = Some(Arc::new(store));
+        self
+    }
+
+    /// A store already behind an `Arc` (for sharing one store between runtimes).
+    pub fn shared_store(mut self, store: Arc<dyn Store>) -> Self {
+        self.store = Some(store);
+        self
+    }
+
+    /// The in-flight lease: how long a crashed or stalled attempt blocks its key before a retry
+    /// may take over. Renewed every third of its length while the handler runs. Routes override it
+    /// with `#[idempotent(lease = "…")]`. Default: 30 s. Zero is raised to 1 ms.
+    pub fn lease(mut self, lease: Duration) -> Self {
+        self.lease = lease.max(Duration::from_millis(1));
+        self
+    }
+
+    /// How long one execution keeps renewing its lease. A handler running longer loses its lease
+    /// (a retry may then take over, with a higher epoch) and its late result is not recorded.
+    /// Default: 5 minutes.
+    pub fn max_run_time(mut self, max: Duration) -> Self {
+        self.max_run_time = max;
+        self
+    }
+
+    /// The largest response body recorded for replay. Larger responses still reach the first
+    /// client whole; duplicates get `409 result-unavailable`. Default: 1 MiB.
+    pub fn max_response_bytes(mut self, max: usize) -> Self {
+        self.max_response_bytes = max;
+        self
+    }
+
+    /// Records and replays this response header too. Default allow-list:
+    /// [`DEFAULT_REPLAYED_HEADERS`]. Credentials, cookies and hop-by-hop headers are never
+    /// recorded.
+    pub fn replay_header(mut self, name: HeaderName) -> Self {
+        if !self.replayed_headers.contains(&name) {
+            self.replayed_headers.push(name);
+        }
+        self
+    }
+
+    /// The base of problem `type` URIs. Default: [`problem::DEFAULT_PROBLEM_BASE`].
+    pub fn problem_base(mut self, base: impl Into<String>) -> Self {
+        self.problem_base = Some(base.into());
+        self
+    }
+
+    /// Replaces how problem responses are rendered. Default: RFC 9457 JSON ([`JsonProblems`]).
+    pub fn problem_renderer(mut self, renderer: impl RenderProblem) -> Self {
+        self.problems = Some(Box::new(renderer));
+        self
+    }
+
+    /// Builds the runtime.
+    pub fn build(self) -> Idempotency {
+        let problems = self.problems.unwrap_or_else(|| {
+            Box::new(
+                self.problem_base
+                    .map_or_else(JsonProblems::default, JsonProblems::new),
+            )
+        });
+        Idempotency {
+            inner: Arc::new(Runtime {
+                store: self
+                    .store
+                    .unwrap_or_else(|| Arc::new(MemoryStore::default())),
+                lease: self.lease,
+                max_run_time: self.max_run_time,
+                max_response_bytes: self.max_response_bytes,
+                replayed_headers: self.replayed_headers,
+                problems,
+                tasks: TaskTracker::new(),
+            }),
+        }
+    }
+}
+
+/// Which handler responses are recorded and replayed. Responses that are not recorded release the
+/// key, so a retry runs the handler again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum StorePolicy {
+    /// Every status below 500 except the transient `408`, `425` and `429` (the default,
+    /// `store = "non-5xx"`): deterministic client errors such as a declined payment are replayed,
+    /// server errors are retried.
+    #[default]
+    NonServerError,
+    /// Only `2xx` (`store = "2xx"`).
+    Success,
+    /// Every status, `5xx` included, as Stripe does (`store = "all"`).
+    All,
+}
+
+impl StorePolicy {
+    /// Whether a response with `status` is recorded.
+    pub fn records(self, status: http::StatusCode) -> bool {
+        match self {
+            Self::All => true,
+            Self::Success => status.is_success(),
+            Self::NonServerError => {
+                !status.is_server_error() && !matches!(status.as_u16(), 408 | 425 | 429)
+            }
+        }
+    }
+}
+
+/// The settings of one `#[idempotent]` route, built at compile time by the macro.
+#[derive(Debug, Clone, Copy)]
+#[must_use]
+pub struct RouteConfig {
+    pub(crate) handler: &'static str,
+    pub(crate) required: bool,
+    pub(crate) ttl: Duration,
+    pub(crate) lease: Option<Duration>,
+    pub(crate) wait: Option<Duration>,
+    pub(crate) store: StorePolicy,
+    pub(crate) store_body: bool,
+}
+
+impl RouteConfig {
+    /// Default retention of completed records: 24 hours.
+    pub const DEFAULT_TTL: Duration = Duration::from_hours(24);
+
+    /// Defaults for the handler named `handler`: key optional, ttl 24 h, the runtime's lease,
+    /// 409 at once on a concurrent duplicate, [`StorePolicy::NonServerError`], bodies recorded.
+    pub const fn new(handler: &'static str) -> Self {
+        Self {
+            handler,
+            required: false,
+            ttl: Self::DEFAULT_TTL,
+            lease: None,
+            wait: None,
+            store: StorePolicy::NonServerError,
+            store_body: true,
+        }
+    }
+
+    /// Whether a request without a key is rejected (`400 idempotency-key-missing`).
+    pub const fn required(mut self, required: bool) -> Self {
+        self.required = required;
+        self
+    }
+
+    /// How long a completed record is kept and replayed.
+    pub const fn ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = ttl;
+        self
+    }
+
+    /// The in-flight lease for this route (overrides the runtime's).
+    pub const fn lease(mut self, lease: Duration) -> Self {
+        self.lease = Some(lease);
+        self
+    }
+
+    /// A concurrent duplicate waits up to `wait` for the first result instead of `409` at once.
+    pub const fn wait(mut self, wait: Duration) -> Self {
+        self.wait = Some(wait);
+        self
+    }
+
+    /// Which responses are recorded.
+    pub const fn store(mut self, policy: StorePolicy) -> Self {
+        self.store = policy;
+        self
+    }
+
+    /// `false` records status and headers only: replays carry an empty body.
+    pub const fn store_body(mut self, store_body: bool) -> Self {
+        self.store_body = store_body;
+        self
+    }
+
+    /// The handler's name, as traced.
+    pub const fn handler(&self) -> &'static str {
+        self.handler
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use http::StatusCode;
+
+    use super::*;
+
+    #[test]
+    fn store_policies() {
+        let cases = [
+            (200, true, true, true),
+            (201, true, true, true),
+            (302, true, false, true),
+            (402, true, false, true),
+            (422, true, false, true),
+            (408, false, false, true),
+            (429, false, false, true),
+            (500, false, false, true),
+            (503, false, false, true),
+        ];
+        for (status, non_5xx, success, all) in cases {
+            let status = StatusCode::from_u16(status).unwrap();
+            assert_eq!(
+                StorePolicy::NonServerError.records(status),
+                non_5xx,
+                "{status}"
+            );
+            assert_eq!(StorePolicy::Success.records(status), success, "{status}");
+            assert_eq!(StorePolicy::All.records(status), all, "{status}");
+        }
+    }
+}

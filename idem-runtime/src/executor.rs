@@ -1,0 +1,467 @@
+//! The executor `#[idempotent]` calls: acquire, run or replay, record.
+//!
+//! [`execute`] is the whole per-request flow; the macro's expansion is one call to it. Written by
+//! hand, an idempotent handler is:
+//!
+//! ```
+//! use axum::{Json, response::Response};
+//! use idem_runtime::{execute, Idempotent, RouteConfig, Scope};
+//!
+//! async fn create(Json(amount): Json<u64>) -> String {
+//!     format!("charged {amount}")
+//! }
+//!
+//! static ROUTE: RouteConfig = RouteConfig::new("create").required(true);
+//!
+//! async fn create_idempotent(body: Idempotent<Json<u64>>) -> Response {
+//!     let (request, body) = body.into_parts();
+//!     execute(request, &ROUTE, Scope::NONE, create(body)).await
+//! }
+//! # let _: axum::routing::MethodRouter = axum::routing::post(create_idempotent);
+//! ```
+
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::response::{IntoResponse, Response};
+use bytes::{Bytes, BytesMut};
+use futures_util::FutureExt as _;
+use http::{HeaderName, HeaderValue};
+use http_body_util::BodyExt;
+use tracing::{Instrument as _, field};
+
+use crate::config::{RouteConfig, Runtime};
+use crate::extract::{ContextState, IdempotentRequest, Keyed, Mode};
+use crate::fingerprint::{RecordKey, Scope};
+use crate::problem::{Problem, ProblemKind};
+use crate::record::{RecordedResult, StoredResponse};
+use crate::store::{AcquireRequest, Acquired, OwnerToken, StoreError};
+
+/// The response header marking a replayed response: `Idempotent-Replayed: true`.
+pub static IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
+
+/// How long a client is told to wait before retrying a request still in progress.
+const IN_PROGRESS_RETRY_AFTER: Duration = Duration::from_secs(1);
+/// How long a client is told to wait when the store is unavailable.
+const STORE_RETRY_AFTER: Duration = Duration::from_secs(1);
+
+/// Runs one request of an `#[idempotent]` route.
+///
+/// * A safe method, or no key on a route that does not require one: runs `handler` as usual.
+/// * No key on a route that requires one: `400 idempotency-key-missing`.
+/// * Otherwise acquires the record for `(scope, key)`: a completed record is replayed, a different
+///   request with the same key is `422`, one still in flight is `409` (or awaited, with `wait`),
+///   and the first request runs `handler` in its own task, so a client that disconnects does not
+///   cancel it, and records the response according to the route's [`StorePolicy`](crate::StorePolicy).
+pub async fn execute<F, R>(
+    request: IdempotentRequest,
+    route: &'static RouteConfig,
+    scope: Scope,
+    handler: F,
+) -> Response
+where
+    F: Future<Output = R> + Send + 'static,
+    R: IntoResponse + 'static,
+{
+    match request.mode {
+        Mode::NoKey(runtime) if route.required => {
+            tracing::debug!(
+                route = route.handler,
+                outcome = "rejected",
+                "idempotency key missing"
+            );
+            runtime.problem_response(&Problem::new(
+                ProblemKind::KeyMissing,
+                "this request must carry an `Idempotency-Key` header",
+            ))
+        }
+        Mode::Bypass | Mode::NoKey(_) => handler.await.into_response(),
+        Mode::Keyed(keyed) => {
+            let record = RecordKey::new(&scope, &keyed.key);
+            let span = tracing::debug_span!(
+                "idempotency",
+                route = route.handler,
+                key = %record.short(),
+                outcome = field::Empty,
+                epoch = field::Empty,
+            );
+            run(keyed, record, route, handler).instrument(span).await
+        }
+    }
+}
+
+async fn run<F, R>(
+    keyed: Keyed,
+    record: RecordKey,
+    route: &'static RouteConfig,
+    handler: F,
+) -> Response
+where
+    F: Future<Output = R> + Send + 'static,
+    R: IntoResponse + 'static,
+{
+    let runtime = &keyed.runtime.inner;
+    let owner = OwnerToken::generate();
+    let lease = route.lease.unwrap_or(runtime.lease);
+    let wait_until = route.wait.map(|wait| Instant::now() + wait);
+    let mut backoff = Duration::from_millis(5);
+    let problem = |problem: Problem| keyed.runtime.problem_response(&problem);
+    let epoch = loop {
+        let request = AcquireRequest {
+            key: &record,
+            owner,
+            fingerprint: &keyed.fingerprint,
+            lease,
+            retention: route.ttl,
+        };
+        match runtime.store.acquire(request).await {
+            Ok(Acquired::Execute { epoch }) => break epoch,
+            Ok(Acquired::Completed { result, .. }) => return replay(&result, &problem),
+            Ok(Acquired::Mismatch) => {
+                outcome("mismatch");
+                return problem(Problem::new(
+                    ProblemKind::KeyReused,
+                    "this Idempotency-Key was already used for a different request (method, path, query or body)",
+                ));
+            }
+            Ok(Acquired::InFlight { lease_left }) => {
+                let now = Instant::now();
+                match wait_until {
+                    Some(until) if until > now => {
+                        tokio::time::sleep(backoff.min(until - now).min(lease_left)).await;
+                        backoff = (backoff * 2).min(Duration::from_millis(100));
+                    }
+                    _ => {
+                        outcome("conflict");
+                        return problem(
+                            Problem::new(
+                                ProblemKind::RequestInProgress,
+                                "a request with this Idempotency-Key is still being processed; retry later",
+                            )
+                            .with_retry_after(IN_PROGRESS_RETRY_AFTER.min(lease_left)),
+                        );
+                    }
+                }
+            }
+            Err(error) => return store_unavailable(&error, &problem),
+        }
+    };
+
+    outcome("executed");
+    tracing::Span::current().record("epoch", epoch);
+    if let Some(context) = &keyed.context {
+        context.enter(&keyed.key, epoch);
+    }
+    let attempt = Attempt {
+        lease: LeaseHolder {
+            runtime: Arc::clone(runtime),
+            record,
+            owner,
+            duration: lease,
+            context: keyed.context,
+        },
+        ttl: route.ttl,
+        route,
+    };
+    let task = runtime.tasks.spawn(attempt.run(handler).in_current_span());
+    match task.await {
+        Ok(response) => response,
+        // The task is never aborted; a join error means the runtime itself is going away.
+        Err(_) => problem(Problem::new(
+            ProblemKind::HandlerPanicked,
+            "the request was cancelled",
+        )),
+    }
+}
+
+/// One execution of a handler that owns its record.
+struct Attempt {
+    lease: LeaseHolder,
+    ttl: Duration,
+    route: &'static RouteConfig,
+}
+
+impl Attempt {
+    /// Runs the handler (renewing the lease while it runs), then records or releases the result.
+    /// Runs inside its own task: everything here happens even if the client has gone.
+    async fn run<F, R>(self, handler: F) -> Response
+    where
+        F: Future<Output = R> + Send + 'static,
+        R: IntoResponse,
+    {
+        let runtime = Arc::clone(&self.lease.runtime);
+        let handler = AssertUnwindSafe(async move { handler.await.into_response() }).catch_unwind();
+        let mut handler = std::pin::pin!(handler);
+        let outcome = tokio::select! {
+            biased;
+            outcome = &mut handler => outcome,
+            () = tokio::time::sleep(self.lease.duration / 3) => {
+                // A slow handler: keep its lease alive in a task of its own until it finishes.
+                let heartbeat = tokio::spawn(self.lease.clone().heartbeat().in_current_span());
+                let outcome = handler.await;
+                heartbeat.abort();
+                outcome
+            }
+        };
+        let Ok(response) = outcome else {
+            tracing::error!("the idempotent handler panicked; its key is released");
+            self.lease.release().await;
+            let problem = Problem::new(
+                ProblemKind::HandlerPanicked,
+                "the request failed unexpectedly; it may be retried",
+            );
+            return crate::problem::respond(runtime.problems.as_ref(), &problem);
+        };
+        if !self.route.store.records(response.status()) {
+            tracing::debug!(
+                status = response.status().as_u16(),
+                "response not recorded; key released"
+            );
+            self.lease.release().await;
+            return response;
+        }
+        let (parts, body) = response.into_parts();
+        let headers = || StoredResponse::filter_headers(&parts.headers, &runtime.replayed_headers);
+        let (result, body) = if self.route.store_body {
+            match buffer(body, runtime.max_response_bytes).await {
+                Buffered::Whole(bytes) => {
+                    let stored = StoredResponse {
+                        status: parts.status,
+                        headers: headers(),
+                        body: bytes.clone(),
+                    };
+                    (RecordedResult::Response(stored), Body::from(bytes))
+                }
+                Buffered::TooLarge(body) => {
+                    tracing::warn!(
+                        limit = runtime.max_response_bytes,
+                        "response larger than max_response_bytes: recorded as not replayable"
+                    );
+                    (RecordedResult::TooLarge, body)
+                }
+                Buffered::Failed(body) => {
+                    tracing::warn!("the response body failed while being recorded; key released");
+                    self.lease.release().await;
+                    return Response::from_parts(parts, body);
+                }
+            }
+        } else {
+            let mut headers = headers();
+            headers.retain(|(name, _)| !is_body_header(name));
+            let stored = StoredResponse {
+                status: parts.status,
+                headers,
+                body: Bytes::new(),
+            };
+            (RecordedResult::Response(stored), body)
+        };
+        self.lease.complete(Arc::new(result), self.ttl).await;
+        Response::from_parts(parts, body)
+    }
+}
+
+/// Everything needed to act on an owned record from any task.
+#[derive(Clone)]
+struct LeaseHolder {
+    runtime: Arc<Runtime>,
+    record: RecordKey,
+    owner: OwnerToken,
+    duration: Duration,
+    context: Option<Arc<ContextState>>,
+}
+
+impl LeaseHolder {
+    /// Renews the lease every third of its length, until the runtime's `max_run_time` has passed
+    /// or the lease turns out to be lost. Aborted when the handler finishes.
+    async fn heartbeat(self) {
+        let give_up_at = Instant::now() + self.runtime.max_run_time;
+        let period = self.duration / 3;
+        let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticks.tick().await;
+            if Instant::now() >= give_up_at {
+                tracing::warn!("handler ran past max_run_time: its lease is no longer renewed");
+                return;
+            }
+            match self
+                .runtime
+                .store
+                .renew(&self.record, self.owner, self.duration)
+                .await
+            {
+                Ok(true) => {}
+                Ok(false) => {
+                    tracing::warn!(
+                        "lease lost while the handler runs: its result will not be recorded"
+                    );
+                    self.lose();
+                    return;
+                }
+                // A failed renewal is retried at the next tick; the lease is still valid until then.
+                Err(error) => tracing::warn!(%error, "lease renewal failed"),
+            }
+        }
+    }
+
+    /// Records the result. If the store cannot be reached, keeps trying in the background for as
+    /// long as the lease would last, so a retry finds the result rather than running again.
+    async fn complete(self, result: Arc<RecordedResult>, ttl: Duration) {
+        match self
+            .runtime
+            .store
+            .complete(&self.record, self.owner, Arc::clone(&result), ttl)
+            .await
+        {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::warn!(
+                    "lease lost before completion: another attempt owns the key; result not recorded"
+                );
+                self.lose();
+            }
+            Err(error) => {
+                tracing::warn!(%error, "recording the result failed; retrying in the background");
+                let runtime = Arc::clone(&self.runtime);
+                runtime
+                    .tasks
+                    .spawn(self.complete_later(result, ttl).in_current_span());
+            }
+        }
+    }
+
+    async fn complete_later(self, result: Arc<RecordedResult>, ttl: Duration) {
+        let deadline = Instant::now() + self.duration;
+        let mut pause = Duration::from_millis(50);
+        while Instant::now() + pause < deadline {
+            tokio::time::sleep(pause).await;
+            match self
+                .runtime
+                .store
+                .complete(&self.record, self.owner, Arc::clone(&result), ttl)
+                .await
+            {
+                Ok(true) => return tracing::info!("result recorded after the store came back"),
+                Ok(false) => return self.lose(),
+                Err(_) => pause = (pause * 2).min(Duration::from_secs(1)),
+            }
+        }
+        tracing::warn!(
+            "the store stayed unreachable for the whole lease: the result was not recorded"
+        );
+    }
+
+    /// Gives the key up so a retry runs again. Failure is logged: the lease then simply expires.
+    async fn release(&self) {
+        if let Err(error) = self.runtime.store.release(&self.record, self.owner).await {
+            tracing::warn!(%error, "releasing the key failed; it frees itself when the lease expires");
+        }
+    }
+
+    fn lose(&self) {
+        if let Some(context) = &self.context {
+            context.lose_lease();
+        }
+    }
+}
+
+fn outcome(outcome: &'static str) {
+    tracing::Span::current().record("outcome", outcome);
+}
+
+fn replay(result: &RecordedResult, problem: &impl Fn(Problem) -> Response) -> Response {
+    let RecordedResult::Response(stored) = result else {
+        outcome("unavailable");
+        return problem(Problem::new(
+            ProblemKind::ResultUnavailable,
+            "the first request with this Idempotency-Key completed, but its response was too large to be replayed",
+        ));
+    };
+    outcome("replayed");
+    let mut response = Response::new(Body::from(stored.body.clone()));
+    *response.status_mut() = stored.status;
+    let headers = response.headers_mut();
+    for (name, value) in &stored.headers {
+        headers.append(name.clone(), value.clone());
+    }
+    headers.insert(
+        IDEMPOTENT_REPLAYED.clone(),
+        HeaderValue::from_static("true"),
+    );
+    response
+}
+
+fn store_unavailable(error: &StoreError, problem: &impl Fn(Problem) -> Response) -> Response {
+    outcome("store_error");
+    tracing::warn!(%error, "idempotency store unavailable: request refused");
+    problem(
+        Problem::new(
+            ProblemKind::StoreUnavailable,
+            "the idempotency store is temporarily unavailable; the request was not processed",
+        )
+        .with_retry_after(STORE_RETRY_AFTER),
+    )
+}
+
+fn is_body_header(name: &HeaderName) -> bool {
+    [
+        http::header::CONTENT_TYPE,
+        http::header::CONTENT_ENCODING,
+        http::header::CONTENT_LANGUAGE,
+    ]
+    .contains(name)
+}
+
+enum Buffered {
+    /// The whole body, within the limit.
+    Whole(Bytes),
+    /// Over the limit: a body that yields everything read so far and then the rest.
+    TooLarge(Body),
+    /// The body failed: a body that yields what was read and then the error.
+    Failed(Body),
+}
+
+/// Reads `body` up to `limit` bytes without losing anything past it.
+async fn buffer(mut body: Body, limit: usize) -> Buffered {
+    if http_body::Body::size_hint(&body)
+        .upper()
+        .is_some_and(|upper| upper <= limit as u64)
+    {
+        return match body.collect().await {
+            Ok(collected) => Buffered::Whole(collected.to_bytes()),
+            Err(error) => Buffered::Failed(Body::from_stream(futures_util::stream::iter([Err::<
+                Bytes,
+                _,
+            >(
+                error,
+            )]))),
+        };
+    }
+    let mut read = BytesMut::new();
+    loop {
+        match body.frame().await {
+            None => return Buffered::Whole(read.freeze()),
+            Some(Ok(frame)) => {
+                if let Ok(data) = frame.into_data() {
+                    read.extend_from_slice(&data);
+                    if read.len() > limit {
+                        return Buffered::TooLarge(prepend(read.freeze(), body));
+                    }
+                }
+            }
+            Some(Err(error)) => {
+                let failed = futures_util::stream::iter([Ok(read.freeze()), Err(error)]);
+                return Buffered::Failed(Body::from_stream(failed));
+            }
+        }
+    }
+}
+
+fn prepend(head: Bytes, rest: Body) -> Body {
+    use futures_util::StreamExt as _;
+    let head = futures_util::stream::once(std::future::ready(Ok::<_, axum::Error>(head)));
+    Body::from_stream(head.chain(rest.into_data_stream()))
+}

@@ -1,0 +1,268 @@
+//! Extractors: the wrapper `#[idempotent]` puts around a handler's last extractor, and
+//! [`IdempotencyContext`], through which a handler sees its own key and epoch.
+//!
+//! [`Idempotent<T>`] runs wherever `T` would: it reads the `Idempotency-Key` header, buffers the body
+//! once (honouring axum's [`DefaultBodyLimit`](axum::extract::DefaultBodyLimit), so an oversized
+//! body is still a `413`), fingerprints the request, and hands `T` a body made from the same bytes
+//! (no copy). `T`'s rejection is returned unchanged, before any record exists.
+//!
+//! ```
+//! use axum::Json;
+//! use idem_runtime::IdempotencyContext;
+//!
+//! #[idem_runtime::idempotent(required = true)]
+//! async fn transfer(context: IdempotencyContext, Json(amount): Json<u64>) -> String {
+//!     // The epoch grows each time a crashed attempt is taken over: a fencing token for side effects.
+//!     format!("transfer {amount} at epoch {}", context.epoch().unwrap_or(0))
+//! }
+//! ```
+
+use std::marker::PhantomData;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use axum::RequestExt;
+use axum::body::Body;
+use axum::extract::{FromRequest, FromRequestParts, MatchedPath, OriginalUri, Request};
+use axum::response::{IntoResponse, Response};
+use http::request::Parts;
+use http::{Method, StatusCode};
+use http_body_util::BodyExt;
+
+use crate::Idempotency;
+use crate::fingerprint::Fingerprint;
+use crate::key::IdempotencyKey;
+use crate::problem::{Problem, ProblemKind};
+
+/// The wrapper `#[idempotent]` puts around a handler's last extractor `T`.
+///
+/// Implements [`FromRequest`] for every `T` that does (body extractors and parts extractors
+/// alike), through its own marker type so it never overlaps axum's impls.
+#[derive(Debug)]
+pub struct Idempotent<T> {
+    request: IdempotentRequest,
+    inner: T,
+}
+
+impl<T> Idempotent<T> {
+    /// Splits into the request's idempotency data (for [`execute`](crate::execute)) and `T`.
+    pub fn into_parts(self) -> (IdempotentRequest, T) {
+        (self.request, self.inner)
+    }
+}
+
+/// What [`Idempotent`] learned about a request, consumed by [`execute`](crate::execute).
+#[derive(Debug)]
+pub struct IdempotentRequest {
+    pub(crate) mode: Mode,
+}
+
+#[derive(Debug)]
+pub(crate) enum Mode {
+    /// A safe method: idempotency does not apply.
+    Bypass,
+    /// No `Idempotency-Key` header.
+    NoKey(Idempotency),
+    /// A valid key: the request takes part.
+    Keyed(Keyed),
+}
+
+#[derive(Debug)]
+pub(crate) struct Keyed {
+    pub(crate) runtime: Idempotency,
+    pub(crate) key: IdempotencyKey,
+    pub(crate) fingerprint: Fingerprint,
+    pub(crate) context: Option<Arc<ContextState>>,
+}
+
+/// The marker that keeps [`Idempotent`]'s `FromRequest` impl apart from axum's.
+#[doc(hidden)]
+#[derive(Debug)]
+pub struct Marker<M>(PhantomData<fn() -> M>);
+
+impl<S, T, M> FromRequest<S, Marker<M>> for Idempotent<T>
+where
+    S: Send + Sync,
+    T: FromRequest<S, M>,
+{
+    type Rejection = Response;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let Some(runtime) = request.extensions().get::<Idempotency>().cloned() else {
+            return Err(not_configured(&request));
+        };
+        if is_safe(request.method()) {
+            let inner = extract(request, state).await?;
+            return Ok(Self {
+                request: IdempotentRequest { mode: Mode::Bypass },
+                inner,
+            });
+        }
+        let key = match IdempotencyKey::from_headers(request.headers()) {
+            Ok(Some(key)) => key,
+            Ok(None) => {
+                let inner = extract(request, state).await?;
+                return Ok(Self {
+                    request: IdempotentRequest {
+                        mode: Mode::NoKey(runtime),
+                    },
+                    inner,
+                });
+            }
+            Err(error) => {
+                let problem = Problem::new(ProblemKind::KeyInvalid, error.to_string());
+                return Err(runtime.problem_response(&problem));
+            }
+        };
+
+        let (mut parts, body) = request.with_limited_body().into_parts();
+        let bytes = match body.collect().await {
+            Ok(collected) => collected.to_bytes(),
+            Err(error) => return Err(body_error(&error)),
+        };
+        let context = parts.extensions.remove::<Arc<ContextState>>();
+        let fingerprint = fingerprint(&parts, &bytes);
+        let inner = extract(Request::from_parts(parts, Body::from(bytes)), state).await?;
+        let keyed = Keyed {
+            runtime,
+            key,
+            fingerprint,
+            context,
+        };
+        Ok(Self {
+            request: IdempotentRequest {
+                mode: Mode::Keyed(keyed),
+            },
+            inner,
+        })
+    }
+}
+
+async fn extract<S, T, M>(request: Request, state: &S) -> Result<T, Response>
+where
+    S: Send + Sync,
+    T: FromRequest<S, M>,
+{
+    T::from_request(request, state)
+        .await
+        .map_err(IntoResponse::into_response)
+}
+
+fn is_safe(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
+    )
+}
+
+fn fingerprint(parts: &Parts, body: &[u8]) -> Fingerprint {
+    let route = parts
+        .extensions
+        .get::<MatchedPath>()
+        .map_or("", MatchedPath::as_str);
+    // Under `Router::nest` the request URI has lost its prefix; the original one has not.
+    let uri = parts
+        .extensions
+        .get::<OriginalUri>()
+        .map_or(&parts.uri, |original| &original.0);
+    Fingerprint::of(
+        &parts.method,
+        route,
+        uri.path(),
+        uri.query().unwrap_or(""),
+        body,
+    )
+}
+
+/// The same answers axum's own `Bytes` extractor gives: 413 past the body limit, else 400.
+fn body_error(error: &axum::Error) -> Response {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(current) = source {
+        if current.is::<http_body_util::LengthLimitError>() {
+            return (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "Failed to buffer the request body: length limit exceeded",
+            )
+                .into_response();
+        }
+        source = current.source();
+    }
+    (StatusCode::BAD_REQUEST, "Failed to buffer the request body").into_response()
+}
+
+fn not_configured(request: &Request) -> Response {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("?", MatchedPath::as_str);
+    tracing::error!(
+        route,
+        "an #[idempotent] handler ran without the idem runtime: add `.layer(idempotency.layer())` to \
+         the Router after this route (see idem_runtime::Idempotency::layer)"
+    );
+    Problem::new(
+        ProblemKind::NotConfigured,
+        "the server is missing its idempotency configuration; the request was not processed",
+    )
+    .into_response()
+}
+
+/// A handler's view of its own idempotency: the key, the epoch, whether the lease was lost.
+///
+/// Extract it anywhere before the handler's last parameter. Outside an idempotent execution (no
+/// key, a safe method) every accessor returns `None`/`false`.
+#[derive(Debug, Clone)]
+pub struct IdempotencyContext {
+    state: Arc<ContextState>,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct ContextState {
+    key: std::sync::OnceLock<IdempotencyKey>,
+    epoch: AtomicU64,
+    lease_lost: AtomicBool,
+}
+
+impl ContextState {
+    pub(crate) fn enter(&self, key: &IdempotencyKey, epoch: u64) {
+        let _ = self.key.set(key.clone());
+        self.epoch.store(epoch, Ordering::Release);
+    }
+
+    pub(crate) fn lose_lease(&self) {
+        self.lease_lost.store(true, Ordering::Release);
+    }
+}
+
+impl IdempotencyContext {
+    /// The client's key, when this execution is idempotent.
+    pub fn key(&self) -> Option<&str> {
+        self.state.key.get().map(IdempotencyKey::as_str)
+    }
+
+    /// The attempt number for this key (1 for the first; higher after a crashed attempt's lease
+    /// expired and this one took over). Use it as a fencing token: a side effect tagged with an
+    /// epoch lower than one already seen comes from a stale attempt.
+    pub fn epoch(&self) -> Option<u64> {
+        match self.state.epoch.load(Ordering::Acquire) {
+            0 => None,
+            epoch => Some(epoch),
+        }
+    }
+
+    /// Whether this attempt lost its lease (it ran past the lease without renewal, and another may
+    /// have taken over). Its result will not be recorded.
+    pub fn lease_lost(&self) -> bool {
+        self.state.lease_lost.load(Ordering::Acquire)
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for IdempotencyContext {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        let state = Arc::new(ContextState::default());
+        parts.extensions.insert(Arc::clone(&state));
+        Ok(Self { state })
+    }
+}

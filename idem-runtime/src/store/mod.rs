@@ -1,0 +1,177 @@
+//! The record store: the idempotency state machine behind one trait.
+//!
+//! A record moves through two states, and only through the four transitions of [`Store`]:
+//!
+//! ```text
+//!              acquire (absent)                 complete (owner)
+//!   absent ───────────────────────▶ in-flight ───────────────────▶ completed ──▶ expires after ttl
+//!                                    │  ▲  │
+//!            renew (owner): extend   │  │  │ release (owner): lease ends now, record kept
+//!                                    ▼  │  ▼
+//!                         lease expired: the next acquire takes over with epoch + 1
+//! ```
+//!
+//! * **acquire**(owner, fingerprint): absent → in-flight with epoch 1; a different fingerprint →
+//!   [`Acquired::Mismatch`]; completed → [`Acquired::Completed`] with the recorded result; a live lease
+//!   of another owner → [`Acquired::InFlight`]; the same owner → [`Acquired::Execute`] again (a
+//!   retried command converges); an expired lease → taken over with epoch + 1.
+//! * **renew**(owner): extends the lease if the caller still owns it.
+//! * **complete**(owner, result): records the result if the caller still owns the record; repeating
+//!   it is harmless.
+//! * **release**(owner): ends the lease now without deleting the record, so epochs stay monotonic.
+//!
+//! Every transition must be atomic and safe to run twice, because a command that timed out may still
+//! have executed. [`MemoryStore`] is the embedded implementation.
+//!
+//! ```
+//! # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+//! use std::time::Duration;
+//! use idem_runtime::fingerprint::{Fingerprint, RecordKey, Scope};
+//! use idem_runtime::key::IdempotencyKey;
+//! use idem_runtime::store::{AcquireRequest, Acquired, MemoryStore, OwnerToken, Store};
+//!
+//! let store = MemoryStore::new(1 << 20);
+//! let key = RecordKey::new(&Scope::NONE, &IdempotencyKey::parse_bytes(b"k").unwrap());
+//! let fingerprint = Fingerprint::of(&http::Method::POST, "/", "/", "", b"");
+//! let request = |owner| AcquireRequest {
+//!     key: &key, owner, fingerprint: &fingerprint,
+//!     lease: Duration::from_secs(30), retention: Duration::from_secs(3600),
+//! };
+//! let (first, second) = (OwnerToken::generate(), OwnerToken::generate());
+//! assert!(matches!(store.acquire(request(first)).await?, Acquired::Execute { epoch: 1 }));
+//! assert!(matches!(store.acquire(request(second)).await?, Acquired::InFlight { .. }));
+//! # Ok::<(), idem_runtime::store::StoreError>(())
+//! # }).unwrap();
+//! ```
+
+mod memory;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+pub use memory::MemoryStore;
+
+use crate::fingerprint::{Fingerprint, RecordKey};
+use crate::record::RecordedResult;
+
+/// The future every [`Store`] method returns.
+pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
+
+/// Identifies one attempt at running a handler: the owner of an in-flight record.
+///
+/// 128 bits: a random per-process prefix and a counter, so tokens never repeat across processes or
+/// within one.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub struct OwnerToken(pub u128);
+
+impl OwnerToken {
+    /// A token no other attempt, in this process or another, holds.
+    pub fn generate() -> Self {
+        static PROCESS: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let prefix = *PROCESS.get_or_init(|| {
+            let mut seed = [0_u8; 8];
+            if getrandom::fill(&mut seed).is_err() {
+                // No OS randomness: fall back to time and pid, still distinct between processes.
+                let nanos = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_nanos());
+                #[allow(clippy::cast_possible_truncation)]
+                let mixed = (nanos as u64) ^ (u64::from(std::process::id()) << 32);
+                seed = mixed.to_be_bytes();
+            }
+            u64::from_be_bytes(seed)
+        });
+        let count = COUNTER.fetch_add(1, Ordering::Relaxed);
+        Self((u128::from(prefix) << 64) | u128::from(count))
+    }
+}
+
+/// The arguments of [`Store::acquire`].
+#[derive(Debug, Clone, Copy)]
+pub struct AcquireRequest<'a> {
+    /// The record.
+    pub key: &'a RecordKey,
+    /// The attempt that wants to run the handler.
+    pub owner: OwnerToken,
+    /// The request's fingerprint, compared with the record's.
+    pub fingerprint: &'a Fingerprint,
+    /// How long the in-flight lease lasts unless renewed.
+    pub lease: Duration,
+    /// How long an in-flight record is kept at most (the route's ttl): long enough that a later
+    /// takeover still sees the epoch and the fingerprint.
+    pub retention: Duration,
+}
+
+/// The answer of [`Store::acquire`].
+#[derive(Debug, Clone)]
+pub enum Acquired {
+    /// The caller owns the record and runs the handler. `epoch` counts the attempts that have
+    /// owned this record (1 for the first); it is the fencing number handlers can use.
+    Execute {
+        /// The attempt number.
+        epoch: u64,
+    },
+    /// The record is completed: replay this result.
+    Completed {
+        /// The recorded result.
+        result: Arc<RecordedResult>,
+        /// How long the record still lives.
+        ttl_left: Duration,
+    },
+    /// The key was first used with a different fingerprint.
+    Mismatch,
+    /// Another attempt holds a live lease.
+    InFlight {
+        /// Time left on that lease.
+        lease_left: Duration,
+    },
+}
+
+/// A store operation failed. The request is answered `503 store-unavailable` (fail closed).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The store did not answer within its time budget.
+    #[error("the idempotency store timed out")]
+    Timeout,
+    /// The store could not be reached or refused the command.
+    #[error("the idempotency store is unavailable: {0}")]
+    Unavailable(String),
+    /// The store returned a value that is not a valid record.
+    #[error(transparent)]
+    Corrupt(#[from] crate::record::DecodeError),
+}
+
+/// The idempotency state machine. See the [module docs](self) for the transitions.
+///
+/// Implementations must make each method atomic and idempotent for the same owner. Futures are
+/// boxed so a runtime can hold any store as `Arc<dyn Store>`.
+pub trait Store: Send + Sync + 'static {
+    /// Tries to take ownership of the record for `request.owner`.
+    fn acquire<'a>(&'a self, request: AcquireRequest<'a>) -> StoreFuture<'a, Acquired>;
+
+    /// Extends the lease; `Ok(false)` when `owner` no longer owns the record.
+    fn renew<'a>(
+        &'a self,
+        key: &'a RecordKey,
+        owner: OwnerToken,
+        lease: Duration,
+    ) -> StoreFuture<'a, bool>;
+
+    /// Records the result and keeps it for `ttl`; `Ok(false)` when `owner` no longer owns the
+    /// record (the result is then discarded).
+    fn complete<'a>(
+        &'a self,
+        key: &'a RecordKey,
+        owner: OwnerToken,
+        result: Arc<RecordedResult>,
+        ttl: Duration,
+    ) -> StoreFuture<'a, bool>;
+
+    /// Ends `owner`'s lease now, keeping the record (and its epoch) so the next acquire takes over.
+    fn release<'a>(&'a self, key: &'a RecordKey, owner: OwnerToken) -> StoreFuture<'a, ()>;
+}
