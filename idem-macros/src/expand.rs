@@ -1,0 +1,107 @@
+//! Emits the route function from a checked [`Spec`]; the shape is documented in `docs/EXPANSION.md`.
+
+use proc_macro2::{Ident, Literal, Span, TokenStream};
+use quote::{format_ident, quote, quote_spanned};
+
+use crate::validate::{SetterValue, Spec};
+
+/// The route function: positional parameters with the last one wrapped, the user's function nested
+/// inside unchanged, and one call into the runtime.
+pub(crate) fn expand(spec: &Spec) -> TokenStream {
+    let krate = &spec.krate;
+    let private = quote!(#krate::__private);
+    let handler = &spec.handler;
+    let mixed = Span::mixed_site();
+
+    // Names we introduce are mixed-site so they can never collide with the user's.
+    let arg_count = handler.params.len().max(1);
+    let args: Vec<Ident> = (0..arg_count)
+        .map(|i| format_ident!("idem_arg{}", i, span = mixed))
+        .collect();
+    let last = &args[arg_count - 1];
+    let request = Ident::new("idem_request", mixed);
+    let scope = Ident::new("idem_scope", mixed);
+    let route = Ident::new("IDEM_ROUTE", mixed);
+
+    let outer_params = if handler.params.is_empty() {
+        quote!(#last: #private::Idempotent<()>)
+    } else {
+        let params = handler
+            .params
+            .iter()
+            .zip(&args)
+            .enumerate()
+            .map(|(i, (param, arg))| {
+                let ty = &param.ty;
+                if i + 1 == arg_count {
+                    quote!(#arg: #private::Idempotent<#ty>)
+                } else {
+                    quote!(#arg: #ty)
+                }
+            });
+        quote!(#(#params),*)
+    };
+    // A handler without parameters still needs the wrapper; its `()` payload is not passed on.
+    let unwrapped_last = if handler.params.is_empty() {
+        quote!(())
+    } else {
+        quote!(#last)
+    };
+    let call_args = if handler.params.is_empty() {
+        &args[..0]
+    } else {
+        &args[..]
+    };
+
+    let route_name = Literal::string(&spec.route_name);
+    let setters = spec.setters.iter().map(|setter| {
+        let method = Ident::new(setter.method, setter.span);
+        let value = match setter.value {
+            SetterValue::Bool(value) => quote!(#value),
+            SetterValue::Seconds(seconds) => {
+                let seconds = Literal::u64_unsuffixed(seconds);
+                quote!(#private::Duration::from_secs(#seconds))
+            }
+            SetterValue::Store(policy) => {
+                let variant = Ident::new(policy.variant(), Span::call_site());
+                quote!(#private::StorePolicy::#variant)
+            }
+        };
+        quote_spanned!(setter.span=> .#method(#value))
+    });
+
+    let scope_value = if let Some(found) = &spec.scope {
+        let pattern = &found.pattern;
+        let arg = &args[found.param];
+        let value = &found.value;
+        // The call carries the span of `scope = <name>`, so a missing `Display` impl is reported there.
+        let call = quote_spanned!(value.span()=> #private::scope(#value));
+        quote!({
+            let #pattern = &#arg;
+            #call
+        })
+    } else {
+        quote!(#private::Scope::NONE)
+    };
+
+    let outer_attrs = &handler.outer_attrs;
+    let inner_attrs = &handler.inner_attrs;
+    let vis = &handler.vis;
+    let sig = &handler.sig;
+    let asyncness = &sig.asyncness;
+    let fn_token = &sig.fn_token;
+    let name = &sig.ident;
+    let block = &handler.block;
+
+    quote! {
+        #(#outer_attrs)*
+        #vis #asyncness #fn_token #name(#outer_params) -> #private::Response {
+            #(#inner_attrs)*
+            #sig #block
+            static #route: #private::RouteConfig = #private::RouteConfig::new(#route_name) #(#setters)*;
+            let (#request, #unwrapped_last) = #private::Idempotent::into_parts(#last);
+            let #scope = #scope_value;
+            #private::execute(#request, &#route, #scope, #name(#(#call_args),*)).await
+        }
+    }
+}
