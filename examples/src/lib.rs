@@ -1,1 +1,3 @@
-//! stub
+//! Runnable services built with idem. The `payments` binary serves [`payments::app`].
+
+pub mod payments;

@@ -1,1 +1,110 @@
-fn main(){}
+//! The payments API on the embedded store (or Redis when `REDIS_URL` is set).
+//!
+//! Environment:
+//! * `IDEM_LISTEN` — address to listen on (default `127.0.0.1:3000`);
+//! * `REDIS_URL` — unset: the embedded in-memory store; set: a local cache in front of Redis;
+//! * `PAYMENTS_PROCESSING_MS` — simulated processor latency inside `POST /payments` (default 0);
+//! * `IDEM_LEASE_MS` — the in-flight lease (default the runtime's, 30 s);
+//! * `RUST_LOG` — log filter for stderr (default `warn`).
+//!
+//! Prints `listening on http://ADDR` once it accepts connections; stops cleanly on SIGTERM or
+//! Ctrl-C, letting running handlers finish and record their results.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use idem_examples::payments::{self, Settings};
+use idem_runtime::Idempotency;
+use std::io::Write as _;
+use tracing_subscriber::EnvFilter;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run().await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("payments: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run() -> Result<(), String> {
+    let listen = std::env::var("IDEM_LISTEN").unwrap_or_else(|_| "127.0.0.1:3000".to_owned());
+    let settings = Settings {
+        processing: Duration::from_millis(env_u64("PAYMENTS_PROCESSING_MS")?.unwrap_or(0)),
+    };
+    let mut builder = Idempotency::builder();
+    if let Some(lease) = env_u64("IDEM_LEASE_MS")? {
+        builder = builder.lease(Duration::from_millis(lease));
+    }
+    if let Ok(url) = std::env::var("REDIS_URL") {
+        builder = with_redis(builder, &url).await?;
+    }
+    let idem = builder.build();
+
+    let listener = tokio::net::TcpListener::bind(&listen)
+        .await
+        .map_err(|error| format!("cannot listen on {listen}: {error}"))?;
+    let address = listener.local_addr().map_err(|error| error.to_string())?;
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "listening on http://{address}")
+        .and_then(|()| stdout.flush())
+        .map_err(|error| error.to_string())?;
+    drop(stdout);
+
+    axum::serve(listener, payments::app(&idem, settings))
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .map_err(|error| format!("server error: {error}"))?;
+    // Handlers whose clients went away are still running: let them finish and record.
+    idem.shutdown().await;
+    Ok(())
+}
+
+async fn with_redis(
+    _builder: idem_runtime::IdempotencyBuilder,
+    _url: &str,
+) -> Result<idem_runtime::IdempotencyBuilder, String> {
+    Err("REDIS_URL is set, but this build has no Redis support yet; unset it to use the embedded store".to_owned())
+}
+
+fn env_u64(name: &str) -> Result<Option<u64>, String> {
+    match std::env::var(name) {
+        Err(_) => Ok(None),
+        Ok(value) => {
+            value.trim().parse().map(Some).map_err(|_| {
+                format!("{name} must be a whole number of milliseconds, got `{value}`")
+            })
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = terminate => {}
+    }
+}

@@ -1,0 +1,332 @@
+//! The payments API: idem on a realistic service.
+//!
+//! * `POST /payments` — `#[idempotent(required = true, ttl = "24h", scope = user_id)]`; body
+//!   `{"amount": <integer > 0>, "currency": "<3 upper-case letters>"}` → `201` with the payment and
+//!   `Location: /payments/{id}`. Currency `XTS` (the ISO test code) → `503` "processor unavailable"
+//!   (transient, so not recorded); an amount above 1 000 000 → `402` "declined" (deterministic, so
+//!   recorded and replayed).
+//! * `GET /payments` — this user's payments held by this process.
+//! * `GET /payments/{id}` — one payment, or `404`.
+//! * `PATCH /payments/{id}` — `#[idempotent(scope = user_id)]` (key optional); body
+//!   `{"description": "…"}` → `200` with the updated payment.
+//!
+//! Every request needs `Authorization: Bearer <user>`; the token is the user id.
+
+use std::collections::HashMap;
+use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use axum::extract::{FromRequestParts, Path, State};
+use axum::http::{HeaderValue, StatusCode, header, request::Parts};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use idem_runtime::{Idempotency, idempotent};
+use serde::{Deserialize, Serialize};
+
+/// Settings of the service (read from the environment by the `payments` binary).
+#[derive(Debug, Clone, Default)]
+pub struct Settings {
+    /// Simulated processor latency inside `POST /payments` (`PAYMENTS_PROCESSING_MS`).
+    pub processing: Duration,
+}
+
+/// Builds the router: the four routes, wired to `idem`.
+pub fn app(idem: &Idempotency, settings: Settings) -> Router {
+    let state = AppState {
+        ledger: Arc::default(),
+        settings: Arc::new(settings),
+    };
+    Router::new()
+        .route("/payments", get(list_payments).post(create_payment))
+        .route("/payments/{id}", get(get_payment).patch(update_payment))
+        .with_state(state)
+        .layer(idem.layer())
+}
+
+/// A payment as the API returns it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Payment {
+    /// `pay_` and 16 hex digits.
+    pub id: String,
+    /// Minor units, > 0.
+    pub amount: u64,
+    /// ISO 4217 code.
+    pub currency: String,
+    /// Always `succeeded` for stored payments.
+    pub status: String,
+    /// Set by `PATCH`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+}
+
+/// The body of `POST /payments`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewPayment {
+    amount: u64,
+    currency: String,
+}
+
+/// The body of `PATCH /payments/{id}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PaymentUpdate {
+    description: String,
+}
+
+#[derive(Clone)]
+struct AppState {
+    ledger: Arc<Mutex<Ledger>>,
+    settings: Arc<Settings>,
+}
+
+#[derive(Default)]
+struct Ledger {
+    /// Payments by id, each with its owner.
+    payments: HashMap<String, (String, Payment)>,
+    /// Ids per user, in creation order.
+    by_user: HashMap<String, Vec<String>>,
+}
+
+impl AppState {
+    fn ledger(&self) -> std::sync::MutexGuard<'_, Ledger> {
+        // A panic while holding the lock cannot leave the maps half-updated (each update is one
+        // insert), so a poisoned lock is still safe to use.
+        self.ledger.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// The authenticated user: `Authorization: Bearer <user>`.
+#[derive(Debug, Clone)]
+pub struct AuthUser(pub String);
+
+impl<S: Send + Sync> FromRequestParts<S> for AuthUser {
+    type Rejection = ApiProblem;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        let user = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.strip_prefix("Bearer "))
+            .map(str::trim)
+            .filter(|user| !user.is_empty() && user.len() <= 128);
+        match user {
+            Some(user) => Ok(Self(user.to_owned())),
+            None => Err(ApiProblem::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "Unauthorized",
+                "send `Authorization: Bearer <user>`",
+            )),
+        }
+    }
+}
+
+#[idempotent(required = true, ttl = "24h", scope = user_id)]
+async fn create_payment(
+    AuthUser(user_id): AuthUser,
+    State(state): State<AppState>,
+    Json(new): Json<NewPayment>,
+) -> Result<
+    (
+        StatusCode,
+        [(header::HeaderName, HeaderValue); 1],
+        Json<Payment>,
+    ),
+    ApiProblem,
+> {
+    if new.amount == 0 {
+        return Err(ApiProblem::invalid(
+            "`amount` must be an integer greater than 0",
+        ));
+    }
+    if new.currency.len() != 3 || !new.currency.bytes().all(|b| b.is_ascii_uppercase()) {
+        return Err(ApiProblem::invalid(
+            "`currency` must be three upper-case letters, e.g. `EUR`",
+        ));
+    }
+    if !state.settings.processing.is_zero() {
+        tokio::time::sleep(state.settings.processing).await;
+    }
+    if new.currency == "XTS" {
+        return Err(ApiProblem::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "processor-unavailable",
+            "Processor unavailable",
+            "the payment processor is unavailable; retry with the same Idempotency-Key",
+        ));
+    }
+    if new.amount > 1_000_000 {
+        return Err(ApiProblem::new(
+            StatusCode::PAYMENT_REQUIRED,
+            "declined",
+            "Payment declined",
+            "the amount exceeds the limit of 1000000",
+        ));
+    }
+    let payment = Payment {
+        id: new_payment_id(),
+        amount: new.amount,
+        currency: new.currency,
+        status: "succeeded".to_owned(),
+        description: None,
+    };
+    let location = HeaderValue::try_from(format!("/payments/{}", payment.id))
+        .map_err(|_| ApiProblem::internal())?;
+    let mut ledger = state.ledger();
+    ledger
+        .by_user
+        .entry(user_id.clone())
+        .or_default()
+        .push(payment.id.clone());
+    ledger
+        .payments
+        .insert(payment.id.clone(), (user_id, payment.clone()));
+    Ok((
+        StatusCode::CREATED,
+        [(header::LOCATION, location)],
+        Json(payment),
+    ))
+}
+
+async fn list_payments(
+    AuthUser(user_id): AuthUser,
+    State(state): State<AppState>,
+) -> Json<Vec<Payment>> {
+    let ledger = state.ledger();
+    let ids = ledger
+        .by_user
+        .get(&user_id)
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    Json(
+        ids.iter()
+            .filter_map(|id| ledger.payments.get(id))
+            .map(|(_, p)| p.clone())
+            .collect(),
+    )
+}
+
+async fn get_payment(
+    AuthUser(user_id): AuthUser,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Payment>, ApiProblem> {
+    match state.ledger().payments.get(&id) {
+        Some((owner, payment)) if *owner == user_id => Ok(Json(payment.clone())),
+        _ => Err(ApiProblem::not_found(&id)),
+    }
+}
+
+#[idempotent(scope = user_id)]
+async fn update_payment(
+    AuthUser(user_id): AuthUser,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    Json(update): Json<PaymentUpdate>,
+) -> Result<Json<Payment>, ApiProblem> {
+    if update.description.len() > 1024 {
+        return Err(ApiProblem::invalid(
+            "`description` is limited to 1024 bytes",
+        ));
+    }
+    match state.ledger().payments.get_mut(&id) {
+        Some((owner, payment)) if *owner == user_id => {
+            payment.description = Some(update.description);
+            Ok(Json(payment.clone()))
+        }
+        _ => Err(ApiProblem::not_found(&id)),
+    }
+}
+
+fn new_payment_id() -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    static HASHER: std::sync::LazyLock<std::hash::RandomState> =
+        std::sync::LazyLock::new(Default::default);
+    // Unique within the process (the counter) and unpredictable across processes (random keys).
+    format!(
+        "pay_{:016x}",
+        HASHER.hash_one(NEXT.fetch_add(1, Ordering::Relaxed))
+    )
+}
+
+/// The example's own RFC 9457 problem responses.
+#[derive(Debug)]
+pub struct ApiProblem {
+    status: StatusCode,
+    slug: &'static str,
+    title: &'static str,
+    detail: String,
+}
+
+impl ApiProblem {
+    fn new(
+        status: StatusCode,
+        slug: &'static str,
+        title: &'static str,
+        detail: impl Into<String>,
+    ) -> Self {
+        Self {
+            status,
+            slug,
+            title,
+            detail: detail.into(),
+        }
+    }
+
+    fn invalid(detail: &str) -> Self {
+        Self::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid-payment",
+            "Invalid payment",
+            detail,
+        )
+    }
+
+    fn not_found(id: &str) -> Self {
+        let shown: String = id.chars().take(64).collect();
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "not-found",
+            "Payment not found",
+            format!("no payment `{shown}`"),
+        )
+    }
+
+    fn internal() -> Self {
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "Internal error",
+            "unexpected error",
+        )
+    }
+}
+
+impl IntoResponse for ApiProblem {
+    fn into_response(self) -> Response {
+        let body = serde_json::json!({
+            "type": format!("https://payments.example/problems/{}", self.slug),
+            "title": self.title,
+            "status": self.status.as_u16(),
+            "detail": self.detail,
+        });
+        let mut response = (self.status, Json(body)).into_response();
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
+        if self.status == StatusCode::UNAUTHORIZED {
+            headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        response
+    }
+}
