@@ -46,6 +46,7 @@ pub(crate) struct Runtime {
     pub(crate) replayed_headers: Vec<HeaderName>,
     pub(crate) problems: Box<dyn RenderProblem>,
     pub(crate) tasks: TaskTracker,
+    pub(crate) fail_open: bool,
 }
 
 impl Idempotency {
@@ -108,6 +109,7 @@ pub struct IdempotencyBuilder {
     replayed_headers: Vec<HeaderName>,
     problems: Option<Box<dyn RenderProblem>>,
     problem_base: Option<String>,
+    fail_open: bool,
 }
 
 impl Default for IdempotencyBuilder {
@@ -120,6 +122,7 @@ impl Default for IdempotencyBuilder {
             replayed_headers: DEFAULT_REPLAYED_HEADERS.to_vec(),
             problems: None,
             problem_base: None,
+            fail_open: false,
         }
     }
 }
@@ -190,6 +193,16 @@ impl IdempotencyBuilder {
         self
     }
 
+    /// What happens when the store cannot be reached before a handler runs. `false` (the default)
+    /// fails closed: `503 store-unavailable`, the handler does not run. `true` fails open: the
+    /// handler runs **without idempotency** (a retry may run it again), the response carries
+    /// `Idempotent-Unprotected: true`, and a warning is logged. Only for routes where a duplicate
+    /// is cheaper than an outage.
+    pub fn fail_open(mut self, fail_open: bool) -> Self {
+        self.fail_open = fail_open;
+        self
+    }
+
     /// Builds the runtime.
     pub fn build(self) -> Idempotency {
         let problems = self.problems.unwrap_or_else(|| {
@@ -209,6 +222,7 @@ impl IdempotencyBuilder {
                 replayed_headers: self.replayed_headers,
                 problems,
                 tasks: TaskTracker::new(),
+                fail_open: self.fail_open,
             }),
         }
     }

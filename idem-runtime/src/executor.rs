@@ -43,6 +43,10 @@ use crate::store::{AcquireRequest, Acquired, OwnerToken, StoreError};
 /// The response header marking a replayed response: `Idempotent-Replayed: true`.
 pub static IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
 
+/// The response header marking a response produced without idempotency because the store was
+/// unavailable and the runtime fails open: `Idempotent-Unprotected: true`.
+pub static IDEMPOTENT_UNPROTECTED: HeaderName = HeaderName::from_static("idempotent-unprotected");
+
 /// How long a client is told to wait before retrying a request still in progress.
 const IN_PROGRESS_RETRY_AFTER: Duration = Duration::from_secs(1);
 /// How long a client is told to wait when the store is unavailable.
@@ -145,6 +149,16 @@ where
                         );
                     }
                 }
+            }
+            Err(error) if runtime.fail_open => {
+                outcome("unprotected");
+                tracing::warn!(%error, "idempotency store unavailable: running the handler unprotected (fail-open)");
+                let mut response = handler.await.into_response();
+                response.headers_mut().insert(
+                    IDEMPOTENT_UNPROTECTED.clone(),
+                    HeaderValue::from_static("true"),
+                );
+                return response;
             }
             Err(error) => return store_unavailable(&error, &problem),
         }
@@ -464,4 +478,86 @@ fn prepend(head: Bytes, rest: Body) -> Body {
     use futures_util::StreamExt as _;
     let head = futures_util::stream::once(std::future::ready(Ok::<_, axum::Error>(head)));
     Body::from_stream(head.chain(rest.into_data_stream()))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use axum::Router;
+    use axum::routing::post;
+    use http::{Request, StatusCode};
+    use tower::ServiceExt as _;
+
+    use super::*;
+    use crate::store::{Store, StoreFuture};
+    use crate::{Idempotency, Idempotent};
+
+    /// A store that is never reachable.
+    struct Unreachable;
+
+    impl Store for Unreachable {
+        fn acquire<'a>(&'a self, _: AcquireRequest<'a>) -> StoreFuture<'a, Acquired> {
+            Box::pin(async { Err(StoreError::Unavailable("connection refused".into())) })
+        }
+        fn renew<'a>(
+            &'a self,
+            _: &'a RecordKey,
+            _: OwnerToken,
+            _: Duration,
+        ) -> StoreFuture<'a, bool> {
+            Box::pin(async { Err(StoreError::Timeout) })
+        }
+        fn complete<'a>(
+            &'a self,
+            _: &'a RecordKey,
+            _: OwnerToken,
+            _: Arc<RecordedResult>,
+            _: Duration,
+        ) -> StoreFuture<'a, bool> {
+            Box::pin(async { Err(StoreError::Timeout) })
+        }
+        fn release<'a>(&'a self, _: &'a RecordKey, _: OwnerToken) -> StoreFuture<'a, ()> {
+            Box::pin(async { Err(StoreError::Timeout) })
+        }
+    }
+
+    static RUNS: AtomicUsize = AtomicUsize::new(0);
+    static ROUTE: RouteConfig = RouteConfig::new("charge").required(true);
+
+    async fn charge(body: Idempotent<String>) -> Response {
+        let (request, body) = body.into_parts();
+        execute(request, &ROUTE, Scope::NONE, async move {
+            RUNS.fetch_add(1, Ordering::SeqCst);
+            body
+        })
+        .await
+    }
+
+    async fn send(idem: &Idempotency) -> Response {
+        let app = Router::new().route("/", post(charge)).layer(idem.layer());
+        let request = Request::post("/")
+            .header("idempotency-key", "k")
+            .body(Body::from("x"))
+            .unwrap();
+        app.oneshot(request).await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_store_fails_closed_unless_told_otherwise() {
+        let closed = Idempotency::builder().store(Unreachable).build();
+        let response = send(&closed).await;
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(response.headers()[http::header::RETRY_AFTER], "1");
+        assert_eq!(RUNS.load(Ordering::SeqCst), 0);
+
+        let open = Idempotency::builder()
+            .store(Unreachable)
+            .fail_open(true)
+            .build();
+        let response = send(&open).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(response.headers()[&IDEMPOTENT_UNPROTECTED], "true");
+        assert_eq!(RUNS.load(Ordering::SeqCst), 1);
+    }
 }
