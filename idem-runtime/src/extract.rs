@@ -110,6 +110,7 @@ where
                 });
             }
             Err(error) => {
+                tracing::debug!(%error, outcome = "rejected", "invalid Idempotency-Key");
                 let problem = Problem::new(ProblemKind::KeyInvalid, error.to_string());
                 return Err(runtime.problem_response(&problem));
             }
