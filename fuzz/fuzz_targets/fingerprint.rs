@@ -1,0 +1,4 @@
+//! Fuzz target: see `idem_fuzz::check_fingerprint`.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| idem_fuzz::check_fingerprint(data));
