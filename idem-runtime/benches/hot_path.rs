@@ -1,0 +1,194 @@
+//! Criterion micro-benchmarks of idem's hot path: `cargo bench -p idem-runtime`.
+//!
+//! * `key/*`: parsing an `Idempotency-Key` header value (bare UUID, quoted sf-string);
+//! * `fingerprint/*`: fingerprinting a 1 KiB and a 64 KiB body, and deriving a record key;
+//! * `record/*`: encoding and decoding a recorded response (what Redis stores);
+//! * `store/*`: an acquire that finds a completed record (the replay lookup) in the embedded store;
+//! * `router/*`: a whole request through an axum `Router` with `tower::ServiceExt::oneshot` (no
+//!   network): the bare route, and a replay served from the local store.
+//!
+//! Figures and what they mean: docs/BENCHMARKS.md.
+
+use std::hint::black_box;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::routing::post;
+use bytes::Bytes;
+use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
+use http::{HeaderName, HeaderValue, Method, Request, StatusCode, header};
+use idem_runtime::fingerprint::{Fingerprint, RecordKey, Scope};
+use idem_runtime::key::IdempotencyKey;
+use idem_runtime::record::{RecordedResult, StoredResponse};
+use idem_runtime::store::{AcquireRequest, Acquired, MemoryStore, OwnerToken, Store};
+use idem_runtime::{Idempotency, idempotent};
+use tower::ServiceExt as _;
+
+const UUID: &str = "8e03978e-40d5-43e8-bc93-6894a57f9324";
+
+fn keys(c: &mut Criterion) {
+    let mut group = c.benchmark_group("key");
+    let bare = HeaderValue::from_static(UUID);
+    let quoted = HeaderValue::from_str(&format!("\"{UUID}\"")).expect("valid header value");
+    group.bench_function("parse_bare_uuid", |b| {
+        b.iter(|| IdempotencyKey::parse(black_box(&bare)));
+    });
+    group.bench_function("parse_quoted_uuid", |b| {
+        b.iter(|| IdempotencyKey::parse(black_box(&quoted)));
+    });
+    group.finish();
+}
+
+fn fingerprints(c: &mut Criterion) {
+    let mut group = c.benchmark_group("fingerprint");
+    for (name, len) in [("body_1KiB", 1 << 10), ("body_64KiB", 64 << 10)] {
+        let body = vec![b'x'; len];
+        group.throughput(Throughput::Bytes(len as u64));
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                Fingerprint::of(
+                    black_box(&Method::POST),
+                    "/payments",
+                    "/payments",
+                    "",
+                    black_box(&body),
+                )
+            });
+        });
+    }
+    group.throughput(Throughput::Elements(1));
+    let key = IdempotencyKey::parse_bytes(UUID.as_bytes()).expect("valid key");
+    let scope = idem_runtime::scope("user-42");
+    group.bench_function("record_key_scoped", |b| {
+        b.iter(|| RecordKey::new(black_box(&scope), black_box(&key)));
+    });
+    group.finish();
+}
+
+/// A typical recorded response: `201`, JSON, `Location`, a 100-byte body.
+fn sample_result() -> RecordedResult {
+    RecordedResult::Response(StoredResponse {
+        status: StatusCode::CREATED,
+        headers: vec![
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            ),
+            (
+                HeaderName::from_static("location"),
+                HeaderValue::from_static("/payments/pay_0001"),
+            ),
+        ],
+        body: Bytes::from(vec![b'{'; 100]),
+    })
+}
+
+fn records(c: &mut Criterion) {
+    let mut group = c.benchmark_group("record");
+    let result = sample_result();
+    let encoded = result.encode();
+    group.bench_function("encode", |b| b.iter(|| black_box(&result).encode()));
+    group.bench_function("decode", |b| {
+        b.iter(|| RecordedResult::decode(black_box(&encoded)));
+    });
+    group.finish();
+}
+
+fn stores(c: &mut Criterion) {
+    let mut group = c.benchmark_group("store");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let store = MemoryStore::default();
+    let key = RecordKey::new(
+        &Scope::NONE,
+        &IdempotencyKey::parse_bytes(b"k").expect("valid key"),
+    );
+    let fingerprint = Fingerprint::of(&Method::POST, "/", "/", "", b"{}");
+    let request = |owner| AcquireRequest {
+        key: &key,
+        owner,
+        fingerprint: &fingerprint,
+        lease: Duration::from_secs(30),
+        retention: Duration::from_secs(3600),
+    };
+    runtime.block_on(async {
+        let owner = OwnerToken::generate();
+        store.acquire(request(owner)).await.expect("acquire");
+        store
+            .complete(&key, owner, Arc::new(sample_result()), Duration::from_secs(3600))
+            .await
+            .expect("complete");
+    });
+    group.bench_function("memory_acquire_completed", |b| {
+        b.to_async(&runtime).iter(|| async {
+            let acquired = store.acquire(request(OwnerToken::generate())).await;
+            assert!(matches!(acquired, Ok(Acquired::Completed { .. })));
+        });
+    });
+    group.finish();
+}
+
+async fn bare(body: String) -> String {
+    body
+}
+
+#[idempotent]
+async fn idempotent_echo(body: String) -> String {
+    body
+}
+
+fn request(path: &str, key: Option<&str>) -> Request<Body> {
+    let mut builder = Request::post(path).header(header::CONTENT_TYPE, "text/plain");
+    if let Some(key) = key {
+        builder = builder.header("idempotency-key", key);
+    }
+    builder
+        .body(Body::from("{\"amount\":100,\"currency\":\"EUR\"}"))
+        .expect("valid request")
+}
+
+fn router(c: &mut Criterion) {
+    let mut group = c.benchmark_group("router");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let idem = Idempotency::builder().build();
+    let app = Router::new()
+        .route("/bare", post(bare))
+        .route("/idem", post(idempotent_echo))
+        .layer(idem.layer());
+    let first = runtime.block_on(app.clone().oneshot(request("/idem", Some(UUID))));
+    assert_eq!(first.expect("infallible").status(), StatusCode::OK);
+
+    group.bench_function("bare_oneshot", |b| {
+        b.to_async(&runtime).iter_batched(
+            || (app.clone(), request("/bare", None)),
+            |(app, request)| async move {
+                let response = app.oneshot(request).await.expect("infallible");
+                assert_eq!(response.status(), StatusCode::OK);
+                http_body_util::BodyExt::collect(response.into_body()).await
+            },
+            BatchSize::SmallInput,
+        );
+    });
+    group.bench_function("replay_from_memory_oneshot", |b| {
+        b.to_async(&runtime).iter_batched(
+            || (app.clone(), request("/idem", Some(UUID))),
+            |(app, request)| async move {
+                let response = app.oneshot(request).await.expect("infallible");
+                assert!(response.headers().contains_key("idempotent-replayed"));
+                http_body_util::BodyExt::collect(response.into_body()).await
+            },
+            BatchSize::SmallInput,
+        );
+    });
+    group.finish();
+}
+
+criterion_group!(benches, keys, fingerprints, records, stores, router);
+criterion_main!(benches);
