@@ -60,6 +60,11 @@ pub use store::{MemoryStore, Store};
 #[cfg(feature = "macros")]
 pub use idem_macros::idempotent;
 
+/// The `redis` crate, re-exported so that clients and connections given to
+/// [`RedisStore`](store::RedisStore) come from the same version.
+#[cfg(feature = "redis")]
+pub use ::redis;
+
 /// The paths `#[idempotent]`'s expansion uses. Not a public API: it changes with the macro.
 #[doc(hidden)]
 pub mod __private {

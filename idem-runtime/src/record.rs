@@ -113,6 +113,15 @@ impl RecordedResult {
 #[error("corrupt stored record: {0}")]
 pub struct DecodeError(&'static str);
 
+impl DecodeError {
+    /// An error for a stored value that fails a check outside [`RecordedResult::decode`] (a
+    /// store's other record fields).
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub(crate) const fn new(reason: &'static str) -> Self {
+        Self(reason)
+    }
+}
+
 const MAGIC: &[u8; 4] = b"idr1";
 const KIND_RESPONSE: u8 = 1;
 const KIND_TOO_LARGE: u8 = 2;

@@ -21,7 +21,9 @@
 //! * **release**(owner): ends the lease now without deleting the record, so epochs stay monotonic.
 //!
 //! Every transition must be atomic and safe to run twice, because a command that timed out may still
-//! have executed. [`MemoryStore`] is the embedded implementation.
+//! have executed. [`MemoryStore`] is the embedded implementation; `RedisStore` (feature `redis`)
+//! shares records across a fleet, and [`TieredStore`] answers replays from process memory in front
+//! of it.
 //!
 //! ```
 //! # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
@@ -45,6 +47,9 @@
 //! ```
 
 mod memory;
+#[cfg(feature = "redis")]
+mod redis;
+mod tiered;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -52,7 +57,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+#[cfg(feature = "redis-cluster")]
+pub use self::redis::RedisClusterStore;
+#[cfg(feature = "redis")]
+pub use self::redis::{RedisConfig, RedisStore};
 pub use memory::MemoryStore;
+pub use tiered::{TieredConfig, TieredStats, TieredStore};
 
 use crate::fingerprint::{Fingerprint, RecordKey};
 use crate::record::RecordedResult;

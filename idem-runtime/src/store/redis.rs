@@ -1,0 +1,659 @@
+//! The Redis store: the state machine as four server-side Lua scripts, shared by a fleet.
+//!
+//! Each transition of [`Store`] is one `EVALSHA` round trip: the script reads the record, decides
+//! and writes atomically on the Redis server, using the server's clock for lease deadlines. The
+//! scripts are loaded when the store connects and reloaded transparently if Redis forgets them
+//! (`NOSCRIPT` after a restart, a failover or `SCRIPT FLUSH`).
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), idem_runtime::store::StoreError> {
+//! use std::time::Duration;
+//! use idem_runtime::Idempotency;
+//! use idem_runtime::store::{RedisConfig, RedisStore, TieredStore};
+//!
+//! let config = RedisConfig::new().response_timeout(Duration::from_millis(500));
+//! let redis = RedisStore::connect("redis://127.0.0.1:6379/0", config).await?;
+//! // Completed records are also kept in process memory, so most replays cost no round trip.
+//! let idem = Idempotency::builder().store(TieredStore::new(redis)).build();
+//! # drop(idem);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! The user documentation (layout, settings, failover) is on [`RedisStore`].
+
+use std::fmt::{self, Write as _};
+use std::future::Future;
+use std::sync::{Arc, LazyLock};
+use std::time::Duration;
+
+use ::redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use ::redis::{Client, IntoConnectionInfo, RedisError, Script, ScriptInvocation, Value};
+
+use super::{AcquireRequest, Acquired, OwnerToken, Store, StoreError, StoreFuture};
+use crate::fingerprint::{Fingerprint, RecordKey};
+use crate::record::{DecodeError, RecordedResult};
+
+/// The prefix of every record's key name. The version changes if the record layout ever does.
+const KEY_PREFIX: &str = "idem:v1:";
+
+/// Durations sent to Redis are capped at about 31 years, so that deadlines computed in the scripts
+/// stay exact integers.
+const MAX_MILLIS: u64 = 1_000_000_000_000;
+
+/// A store keeping records in Redis (standalone through a self-reconnecting
+/// [`ConnectionManager`], or Redis Cluster with the `redis-cluster` feature), so that every
+/// instance of a service sees the same records.
+///
+/// Put a [`TieredStore`](super::TieredStore) in front of it so that replays of recent results are
+/// served from process memory.
+///
+/// # Constructors
+///
+/// * [`RedisStore::connect`]: from a URL (`redis://[user:password@]host:port/db`, `rediss://` for
+///   TLS if the `redis` crate's TLS features are enabled in your build);
+/// * [`RedisStore::from_client`]: from an existing [`redis::Client`](::redis::Client);
+/// * [`RedisStore::from_connection`]: over any existing async connection, such as a
+///   [`ConnectionManager`] you already share, or a cluster connection;
+/// * [`RedisStore::connect_cluster`] (feature `redis-cluster`): from the cluster's seed nodes.
+///
+/// The connecting constructors check that Redis answers and load the scripts, so a
+/// misconfigured URL fails at start-up rather than on the first request.
+///
+/// # Records
+///
+/// One hash per record, named `idem:v1:{<64 hex digits>}`: the hex digits are the
+/// [`RecordKey`] (SHA-256 of the scope and the client's key), so no client byte ever reaches a key
+/// name, and the braces make them the Redis Cluster hash tag, so records spread over every slot.
+/// Fields: `state` (`i` in flight, `c` completed), `owner` (the attempt's token), `epoch`,
+/// `fingerprint`, `lease_until` (milliseconds on the Redis server's clock, in flight only) and
+/// `result` (the [encoded](RecordedResult::encode) response, completed only).
+///
+/// An in-flight record lives for the route's ttl (at least its lease), so that a takeover still
+/// sees its epoch and fingerprint; a completed record expires the route's ttl after completion.
+/// `PTTL idem:v1:{…}` shows how long a record has left; `DEL` purges one (with a
+/// [`TieredStore`](super::TieredStore) in front, instances may replay it from memory for up to
+/// [`TieredConfig::max_entry_ttl`](super::TieredConfig::max_entry_ttl) longer).
+///
+/// # Timeouts and failures
+///
+/// Every transition has one budget, [`RedisConfig::response_timeout`] (default 1 s), covering
+/// reconnecting if needed, reloading a missing script and the command itself; past it the
+/// transition fails with [`StoreError::Timeout`], and a refused or broken connection fails with
+/// [`StoreError::Unavailable`]. The runtime answers both with `503 store-unavailable` (or runs the
+/// handler unprotected when configured to fail open). The connection reconnects by itself in the
+/// background: when Redis comes back, the same store works again without restarting the service.
+///
+/// A command that timed out may still have executed. Every script is safe to run again with the
+/// same owner token: acquiring twice returns the same epoch, completing twice reports success.
+///
+/// # Redis settings
+///
+/// * **`maxmemory-policy noeviction`.** With an evicting policy (`allkeys-lru`, …) Redis may
+///   silently drop an in-flight or completed record under memory pressure, and a retry then runs
+///   the handler again. With `noeviction`, writes fail instead (`OOM`) and requests get `503`,
+///   which keeps the guarantee. Size memory for `requests per ttl × (response size + ~200
+///   bytes)`. The `volatile-*` policies also evict these records (they all have a ttl).
+/// * **Persistence.** Without persistence, a Redis restart forgets every record: retries of requests
+///   completed before the restart run again. `appendonly yes` with `appendfsync everysec` loses
+///   at most about a second of records on a crash; RDB snapshots alone lose everything since
+///   the last snapshot. Choose according to what a duplicate costs you.
+/// * **A dedicated database or ACL user.** Keep records apart from other data (a separate
+///   instance, a separate database number on standalone Redis, or at least an ACL user limited to
+///   the key pattern), e.g. `ACL SETUSER idem on >secret ~idem:* +evalsha +eval +script|load
+///   +hmget +hget +hset +hdel +pexpire +pttl +time +ping`. Two services that share a database share
+///   the key space: a client reusing a key across them would get `422` from the second.
+/// * **Version.** Redis 6.2 or later (7.x is tested); scripts use `TIME` before writing, which
+///   needs script effects replication (the default since 5.0, the only mode since 7.0).
+///
+/// # Failover
+///
+/// Redis replication is asynchronous. When a primary fails and a replica is promoted (Sentinel,
+/// Cluster, a managed service), writes acknowledged just before the failure may be lost: a record
+/// acquired or completed in that window is gone from the new primary, so a retry may run the
+/// handler again (the epoch restarts at 1, so fence side effects with the key itself, not only the
+/// epoch, if that matters). During the failover requests get `503` until the new primary answers.
+/// `WAIT`-style synchronous replication is not used: it would not make failover lossless either.
+///
+/// # Guarantee
+///
+/// Within the retention window, for one scoped key: a different payload never runs; while the
+/// first attempt holds its lease, duplicates never run beside it; once the response is recorded,
+/// duplicates get it and never run. A crash or a pause longer than the lease before the response
+/// is recorded, or Redis losing data (see above), can let a retry run again; the epoch lets the
+/// handler fence that.
+pub struct RedisStore<C = ConnectionManager> {
+    connection: C,
+    config: RedisConfig,
+}
+
+/// How a [`RedisStore`] connects and how long it waits. Every setter states its default.
+///
+/// ```
+/// use std::time::Duration;
+/// use idem_runtime::store::RedisConfig;
+///
+/// let config = RedisConfig::new()
+///     .connect_timeout(Duration::from_millis(500))
+///     .response_timeout(Duration::from_millis(250));
+/// # drop(config);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[must_use]
+pub struct RedisConfig {
+    connect_timeout: Duration,
+    response_timeout: Duration,
+    reconnect_max_delay: Duration,
+}
+
+impl RedisConfig {
+    /// Default for [`RedisConfig::connect_timeout`]: 1 second.
+    pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+    /// Default for [`RedisConfig::response_timeout`]: 1 second.
+    pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(1);
+    /// Default for [`RedisConfig::reconnect_max_delay`]: 1 second.
+    pub const DEFAULT_RECONNECT_MAX_DELAY: Duration = Duration::from_secs(1);
+
+    /// The defaults.
+    pub const fn new() -> Self {
+        Self {
+            connect_timeout: Self::DEFAULT_CONNECT_TIMEOUT,
+            response_timeout: Self::DEFAULT_RESPONSE_TIMEOUT,
+            reconnect_max_delay: Self::DEFAULT_RECONNECT_MAX_DELAY,
+        }
+    }
+
+    /// How long one attempt to open a connection may take. Default: 1 s.
+    pub const fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// The whole budget of one transition (acquire, renew, complete or release): waiting for a
+    /// connection, reloading a script Redis forgot, sending the command and reading the answer.
+    /// Past it the transition fails with [`StoreError::Timeout`] (a `503` for an acquire). Keep it
+    /// well below the lease. Default: 1 s.
+    pub const fn response_timeout(mut self, timeout: Duration) -> Self {
+        self.response_timeout = timeout;
+        self
+    }
+
+    /// The longest pause between two reconnection attempts while Redis is unreachable (attempts
+    /// back off exponentially from 50 ms up to this). Bounds how long after Redis comes back the
+    /// store notices. Default: 1 s. Only used by the constructors that open the connection
+    /// themselves.
+    pub const fn reconnect_max_delay(mut self, delay: Duration) -> Self {
+        self.reconnect_max_delay = delay;
+        self
+    }
+
+    /// The configured connect timeout.
+    pub const fn get_connect_timeout(&self) -> Duration {
+        self.connect_timeout
+    }
+
+    /// The configured response timeout.
+    pub const fn get_response_timeout(&self) -> Duration {
+        self.response_timeout
+    }
+
+    fn manager_config(&self) -> ConnectionManagerConfig {
+        ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(self.connect_timeout))
+            .set_response_timeout(Some(self.response_timeout))
+            .set_min_delay(Duration::from_millis(50))
+            .set_max_delay(self.reconnect_max_delay)
+    }
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl RedisStore {
+    /// Connects to the standalone Redis at `url` (e.g. `redis://127.0.0.1:6379/0`) through a
+    /// [`ConnectionManager`] that reconnects by itself, checks that Redis answers and loads the
+    /// scripts.
+    pub async fn connect(
+        url: impl IntoConnectionInfo,
+        config: RedisConfig,
+    ) -> Result<Self, StoreError> {
+        let client = Client::open(url).map_err(|error| map_error(&error))?;
+        Self::from_client(client, config).await
+    }
+
+    /// Like [`RedisStore::connect`], from an existing client.
+    pub async fn from_client(client: Client, config: RedisConfig) -> Result<Self, StoreError> {
+        let connect = ConnectionManager::new_with_config(client, config.manager_config());
+        let connection =
+            within(config.connect_timeout.max(config.response_timeout), connect).await?;
+        let store = Self::from_connection(connection, config);
+        store.load_scripts().await?;
+        Ok(store)
+    }
+
+    /// The Redis key name of a record: `idem:v1:{<64 hex digits of the record key>}`. For
+    /// operators and tests (`PTTL`, `DEL`, `HGETALL`).
+    pub fn key_name(key: &RecordKey) -> String {
+        key_name(key)
+    }
+}
+
+#[cfg(feature = "redis-cluster")]
+impl RedisStore<::redis::cluster_async::ClusterConnection> {
+    /// Connects to a Redis Cluster through any of its `nodes` (e.g.
+    /// `["redis://10.0.0.1:7000", "redis://10.0.0.2:7000"]`), checks that it answers and loads
+    /// the scripts on every primary. The cluster connection follows slot migrations and failovers
+    /// and reconnects by itself.
+    ///
+    /// Records are single-key, hash-tagged by their own digest, so they spread evenly over the
+    /// slots; when a primary is down, only the records in its slots fail (`503`).
+    pub async fn connect_cluster<T: IntoConnectionInfo>(
+        nodes: impl IntoIterator<Item = T>,
+        config: RedisConfig,
+    ) -> Result<Self, StoreError> {
+        let client = ::redis::cluster::ClusterClient::builder(nodes)
+            .connection_timeout(config.connect_timeout)
+            .response_timeout(config.response_timeout)
+            .build()
+            .map_err(|error| map_error(&error))?;
+        let connect = client.get_async_connection();
+        let connection =
+            within(config.connect_timeout.max(config.response_timeout), connect).await?;
+        let store = Self::from_connection(connection, config);
+        store.load_scripts().await?;
+        Ok(store)
+    }
+}
+
+/// A [`RedisStore`] over Redis Cluster (feature `redis-cluster`); build one with
+/// [`RedisStore::connect_cluster`].
+#[cfg(feature = "redis-cluster")]
+pub type RedisClusterStore = RedisStore<::redis::cluster_async::ClusterConnection>;
+
+impl<C> RedisStore<C>
+where
+    C: ConnectionLike + Clone + Send + Sync + 'static,
+{
+    /// A store over an existing connection: a [`ConnectionManager`] (reconnects by itself), a
+    /// cluster connection, or any other async connection that is cheap to clone (each transition
+    /// clones it). The connection's own timeouts stay as configured; `config`'s response timeout
+    /// bounds every transition on top of them. Scripts are loaded on first use; call
+    /// [`RedisStore::load_scripts`] to load them now.
+    pub fn from_connection(connection: C, config: RedisConfig) -> Self {
+        Self { connection, config }
+    }
+
+    /// Loads the four scripts into Redis (on every primary of a cluster), so the first requests do
+    /// not pay a `NOSCRIPT` round trip. Scripts Redis forgets later are reloaded on demand.
+    pub async fn load_scripts(&self) -> Result<(), StoreError> {
+        let mut connection = self.connection.clone();
+        let load = async move {
+            for script in SCRIPTS.all() {
+                script.prepare_invoke().load_async(&mut connection).await?;
+            }
+            Ok(())
+        };
+        within(self.config.response_timeout, load).await
+    }
+
+    /// The connection the store uses.
+    pub fn connection(&self) -> &C {
+        &self.connection
+    }
+
+    /// The store's configuration.
+    pub fn config(&self) -> &RedisConfig {
+        &self.config
+    }
+
+    /// Runs one script call within the response budget.
+    async fn invoke(&self, invocation: &ScriptInvocation<'_>) -> Result<Value, StoreError> {
+        let mut connection = self.connection.clone();
+        within(
+            self.config.response_timeout,
+            invocation.invoke_async(&mut connection),
+        )
+        .await
+    }
+}
+
+impl<C: Clone> Clone for RedisStore<C> {
+    fn clone(&self) -> Self {
+        Self {
+            connection: self.connection.clone(),
+            config: self.config,
+        }
+    }
+}
+
+impl<C> fmt::Debug for RedisStore<C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("connection", &std::any::type_name::<C>())
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
+impl<C> Store for RedisStore<C>
+where
+    C: ConnectionLike + Clone + Send + Sync + 'static,
+{
+    fn acquire<'a>(&'a self, request: AcquireRequest<'a>) -> StoreFuture<'a, Acquired> {
+        Box::pin(async move {
+            let in_flight_ttl = request.retention.max(request.lease);
+            let mut invocation = SCRIPTS.acquire.key(key_name(request.key));
+            invocation
+                .arg(owner_arg(request.owner))
+                .arg(fingerprint_arg(request.fingerprint))
+                .arg(millis(request.lease))
+                .arg(millis(in_flight_ttl));
+            parse_acquired(self.invoke(&invocation).await?)
+        })
+    }
+
+    fn renew<'a>(
+        &'a self,
+        key: &'a RecordKey,
+        owner: OwnerToken,
+        lease: Duration,
+    ) -> StoreFuture<'a, bool> {
+        Box::pin(async move {
+            let mut invocation = SCRIPTS.renew.key(key_name(key));
+            invocation.arg(owner_arg(owner)).arg(millis(lease));
+            parse_flag(&self.invoke(&invocation).await?)
+        })
+    }
+
+    fn complete<'a>(
+        &'a self,
+        key: &'a RecordKey,
+        owner: OwnerToken,
+        result: Arc<RecordedResult>,
+        ttl: Duration,
+    ) -> StoreFuture<'a, bool> {
+        Box::pin(async move {
+            let mut invocation = SCRIPTS.complete.key(key_name(key));
+            invocation
+                .arg(owner_arg(owner))
+                .arg(result.encode().as_ref())
+                .arg(millis(ttl));
+            parse_flag(&self.invoke(&invocation).await?)
+        })
+    }
+
+    fn release<'a>(&'a self, key: &'a RecordKey, owner: OwnerToken) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            let mut invocation = SCRIPTS.release.key(key_name(key));
+            invocation.arg(owner_arg(owner));
+            parse_flag(&self.invoke(&invocation).await?).map(drop)
+        })
+    }
+}
+
+/// The four transitions. Every script is atomic (Redis runs one script at a time), reads the
+/// clock with `TIME` (the server's clock, the same for every instance), and is safe to run twice
+/// with the same owner. Keys: `KEYS[1]`, the record. Numbers are milliseconds.
+struct Scripts {
+    acquire: Script,
+    renew: Script,
+    complete: Script,
+    release: Script,
+}
+
+impl Scripts {
+    fn all(&self) -> [&Script; 4] {
+        [&self.acquire, &self.renew, &self.complete, &self.release]
+    }
+}
+
+static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
+    acquire: Script::new(ACQUIRE),
+    renew: Script::new(RENEW),
+    complete: Script::new(COMPLETE),
+    release: Script::new(RELEASE),
+});
+
+/// Lua setting `now` to the Redis server's clock in milliseconds.
+macro_rules! server_clock {
+    () => {
+        "local clock = redis.call('TIME')\n\
+         local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)\n"
+    };
+}
+
+/// ARGV: owner, fingerprint, lease, in-flight ttl (>= lease).
+/// Reply: `{1, epoch}` execute, `{2, result, pttl}` completed, `{3}` mismatch,
+/// `{4, lease_left}` in flight, `{0, reason}` not a valid record.
+const ACQUIRE: &str = concat!(
+    r"
+local key, owner, fingerprint = KEYS[1], ARGV[1], ARGV[2]
+local lease = tonumber(ARGV[3])
+local record = redis.pcall('HMGET', key, 'state', 'owner', 'epoch', 'fingerprint', 'lease_until')
+if record.err then return {0, 'not a hash'} end
+",
+    server_clock!(),
+    r"local state = record[1]
+if not state then
+  redis.call('HSET', key, 'state', 'i', 'owner', owner, 'epoch', '1', 'fingerprint', fingerprint,
+    'lease_until', string.format('%d', now + lease))
+  redis.call('PEXPIRE', key, ARGV[4])
+  return {1, 1}
+end
+if not record[4] then return {0, 'no fingerprint'} end
+if record[4] ~= fingerprint then return {3} end
+if state == 'c' then
+  local result = redis.call('HGET', key, 'result')
+  if not result then return {0, 'no result'} end
+  return {2, result, redis.call('PTTL', key)}
+end
+if state ~= 'i' then return {0, 'unknown state'} end
+local epoch, lease_until = tonumber(record[3]), tonumber(record[5])
+if not epoch or not lease_until then return {0, 'malformed in-flight record'} end
+if record[2] == owner then return {1, epoch} end
+if lease_until > now then return {4, lease_until - now} end
+epoch = epoch + 1
+redis.call('HSET', key, 'owner', owner, 'epoch', string.format('%d', epoch),
+  'lease_until', string.format('%d', now + lease))
+local ttl = redis.call('PTTL', key)
+if ttl >= 0 and ttl < lease then redis.call('PEXPIRE', key, ARGV[3]) end
+return {1, epoch}
+"
+);
+
+/// ARGV: owner, lease. Reply: 1 renewed, 0 not the owner.
+const RENEW: &str = concat!(
+    r"
+local key, owner = KEYS[1], ARGV[1]
+local lease = tonumber(ARGV[2])
+local record = redis.pcall('HMGET', key, 'state', 'owner')
+if record.err or record[1] ~= 'i' or record[2] ~= owner then return 0 end
+",
+    server_clock!(),
+    r"redis.call('HSET', key, 'lease_until', string.format('%d', now + lease))
+local ttl = redis.call('PTTL', key)
+if ttl >= 0 and ttl < lease then redis.call('PEXPIRE', key, ARGV[2]) end
+return 1
+"
+);
+
+/// ARGV: owner, encoded result, ttl. Reply: 1 recorded (now or by an earlier run of the same
+/// call), 0 not the owner. The owner token stays in the record so that a repeated call converges.
+const COMPLETE: &str = r"
+local key, owner = KEYS[1], ARGV[1]
+local record = redis.pcall('HMGET', key, 'state', 'owner')
+if record.err or record[2] ~= owner then return 0 end
+if record[1] == 'c' then return 1 end
+if record[1] ~= 'i' then return 0 end
+redis.call('HSET', key, 'state', 'c', 'result', ARGV[2])
+redis.call('HDEL', key, 'lease_until')
+redis.call('PEXPIRE', key, ARGV[3])
+return 1
+";
+
+/// ARGV: owner. Ends the lease now and forgets the owner; the record and its epoch stay.
+/// Reply: 1 released, 0 not the owner.
+const RELEASE: &str = concat!(
+    r"
+local key, owner = KEYS[1], ARGV[1]
+local record = redis.pcall('HMGET', key, 'state', 'owner')
+if record.err or record[1] ~= 'i' or record[2] ~= owner then return 0 end
+",
+    server_clock!(),
+    r"redis.call('HSET', key, 'lease_until', string.format('%d', now))
+redis.call('HDEL', key, 'owner')
+return 1
+"
+);
+
+fn key_name(key: &RecordKey) -> String {
+    format!("{KEY_PREFIX}{{{}}}", key.to_hex())
+}
+
+fn owner_arg(owner: OwnerToken) -> String {
+    format!("{:032x}", owner.0)
+}
+
+fn fingerprint_arg(fingerprint: &Fingerprint) -> String {
+    let mut out = String::with_capacity(64);
+    for byte in fingerprint.0 {
+        let _ = write!(out, "{byte:02x}");
+    }
+    out
+}
+
+/// Whole milliseconds, at least 1 (Redis deletes a key given a zero expiry) and at most
+/// [`MAX_MILLIS`].
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis())
+        .unwrap_or(u64::MAX)
+        .clamp(1, MAX_MILLIS)
+}
+
+fn duration_ms(ms: i64) -> Duration {
+    // A negative PTTL means the key has no expiry (an operator persisted it): report none left, so
+    // no cache keeps it.
+    Duration::from_millis(u64::try_from(ms).unwrap_or(0))
+}
+
+fn corrupt(reason: &'static str) -> StoreError {
+    StoreError::Corrupt(DecodeError::new(reason))
+}
+
+fn parse_acquired(reply: Value) -> Result<Acquired, StoreError> {
+    let Value::Array(items) = reply else {
+        return Err(corrupt("unexpected script reply"));
+    };
+    match items.as_slice() {
+        [Value::Int(1), Value::Int(epoch)] => match u64::try_from(*epoch) {
+            Ok(epoch) if epoch >= 1 => Ok(Acquired::Execute { epoch }),
+            _ => Err(corrupt("invalid epoch")),
+        },
+        [Value::Int(2), Value::BulkString(result), Value::Int(ttl)] => Ok(Acquired::Completed {
+            result: Arc::new(RecordedResult::decode(result)?),
+            ttl_left: duration_ms(*ttl),
+        }),
+        [Value::Int(3)] => Ok(Acquired::Mismatch),
+        [Value::Int(4), Value::Int(left)] => Ok(Acquired::InFlight {
+            lease_left: duration_ms(*left),
+        }),
+        [Value::Int(0), Value::BulkString(reason)] => Err(corrupt(match reason.as_slice() {
+            b"not a hash" => "the record key holds another type",
+            b"no fingerprint" => "record without a fingerprint",
+            b"no result" => "completed record without a result",
+            b"unknown state" => "record in an unknown state",
+            _ => "malformed in-flight record",
+        })),
+        _ => Err(corrupt("unexpected script reply")),
+    }
+}
+
+fn parse_flag(reply: &Value) -> Result<bool, StoreError> {
+    match reply {
+        Value::Int(1) => Ok(true),
+        Value::Int(0) => Ok(false),
+        _ => Err(corrupt("unexpected script reply")),
+    }
+}
+
+/// Runs a Redis call within `budget`, mapping its errors.
+async fn within<T>(
+    budget: Duration,
+    call: impl Future<Output = Result<T, RedisError>>,
+) -> Result<T, StoreError> {
+    match tokio::time::timeout(budget, call).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(error)) => Err(map_error(&error)),
+        Err(_) => Err(StoreError::Timeout),
+    }
+}
+
+fn map_error(error: &RedisError) -> StoreError {
+    if error.is_timeout() {
+        StoreError::Timeout
+    } else {
+        StoreError::Unavailable(error.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_names_are_fixed_length_and_hash_tagged() {
+        let key = RecordKey([0xab; 32]);
+        let name = key_name(&key);
+        assert_eq!(name, format!("idem:v1:{{{}}}", "ab".repeat(32)));
+        assert_eq!(name.len(), KEY_PREFIX.len() + 2 + 64);
+    }
+
+    #[test]
+    fn arguments() {
+        assert_eq!(owner_arg(OwnerToken(1)), format!("{}1", "0".repeat(31)));
+        assert_eq!(fingerprint_arg(&Fingerprint([0x0f; 32])), "0f".repeat(32));
+        assert_eq!(millis(Duration::ZERO), 1);
+        assert_eq!(millis(Duration::from_micros(1500)), 1);
+        assert_eq!(millis(Duration::from_secs(2)), 2000);
+        assert_eq!(millis(Duration::MAX), MAX_MILLIS);
+    }
+
+    #[test]
+    fn replies_are_parsed_defensively() {
+        let bulk = |b: &[u8]| Value::BulkString(b.to_vec());
+        assert!(matches!(
+            parse_acquired(Value::Array(vec![Value::Int(1), Value::Int(3)])),
+            Ok(Acquired::Execute { epoch: 3 })
+        ));
+        let stored = RecordedResult::TooLarge;
+        let completed = Value::Array(vec![Value::Int(2), bulk(&stored.encode()), Value::Int(-1)]);
+        match parse_acquired(completed) {
+            Ok(Acquired::Completed { result, ttl_left }) => {
+                assert_eq!(*result, stored);
+                assert_eq!(ttl_left, Duration::ZERO);
+            }
+            other => panic!("{other:?}"),
+        }
+        for reply in [
+            Value::Nil,
+            Value::Int(1),
+            Value::Array(vec![]),
+            Value::Array(vec![Value::Int(1), Value::Int(0)]),
+            Value::Array(vec![Value::Int(1), Value::Int(-4)]),
+            Value::Array(vec![Value::Int(2), bulk(b"garbage"), Value::Int(10)]),
+            Value::Array(vec![Value::Int(0), bulk(b"not a hash")]),
+            Value::Array(vec![Value::Int(9)]),
+        ] {
+            assert!(
+                matches!(parse_acquired(reply.clone()), Err(StoreError::Corrupt(_))),
+                "{reply:?}"
+            );
+        }
+        assert!(parse_flag(&Value::Int(1)).unwrap());
+        assert!(!parse_flag(&Value::Int(0)).unwrap());
+        assert!(parse_flag(&Value::Nil).is_err());
+    }
+}

@@ -1,0 +1,488 @@
+//! A process-local cache of completed records in front of a shared store.
+//!
+//! ```
+//! # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+//! use std::sync::Arc;
+//! use std::time::Duration;
+//! use idem_runtime::fingerprint::{Fingerprint, RecordKey, Scope};
+//! use idem_runtime::key::IdempotencyKey;
+//! use idem_runtime::record::RecordedResult;
+//! use idem_runtime::store::{AcquireRequest, Acquired, MemoryStore, OwnerToken, Store, TieredStore};
+//!
+//! // In production the inner store is a `RedisStore`; any store works.
+//! let store = TieredStore::new(MemoryStore::default());
+//! let key = RecordKey::new(&Scope::NONE, &IdempotencyKey::parse_bytes(b"k").unwrap());
+//! let fingerprint = Fingerprint::of(&http::Method::POST, "/", "/", "", b"");
+//! let request = |owner| AcquireRequest {
+//!     key: &key, owner, fingerprint: &fingerprint,
+//!     lease: Duration::from_secs(30), retention: Duration::from_secs(3600),
+//! };
+//! let owner = OwnerToken::generate();
+//! assert!(matches!(store.acquire(request(owner)).await?, Acquired::Execute { epoch: 1 }));
+//! let result = Arc::new(RecordedResult::TooLarge);
+//! assert!(store.complete(&key, owner, result, Duration::from_secs(3600)).await?);
+//!
+//! // The replay is answered from memory, without asking the inner store.
+//! assert!(matches!(store.acquire(request(OwnerToken::generate())).await?, Acquired::Completed { .. }));
+//! assert_eq!(store.stats().hits, 1);
+//! # Ok::<(), idem_runtime::store::StoreError>(())
+//! # }).unwrap();
+//! ```
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use moka::sync::Cache;
+
+use super::{AcquireRequest, Acquired, OwnerToken, Store, StoreFuture};
+use crate::fingerprint::{Fingerprint, RecordKey};
+use crate::record::RecordedResult;
+
+/// Bytes charged per cached record on top of its response (key, fingerprint, deadline, moka's
+/// bookkeeping).
+const ENTRY_OVERHEAD: u32 = 160;
+
+/// How many attempts this process may be running at once and still have their result cached
+/// when they complete (beyond it, a result is simply not cached: the next replay asks the inner
+/// store once).
+const MAX_OWNED: u64 = 100_000;
+
+/// How long this process remembers the fingerprint of an attempt it started, waiting for its
+/// completion.
+const OWNED_FOR: Duration = Duration::from_hours(1);
+
+/// A store that answers replays of completed records from process memory, in front of a shared
+/// `inner` store (normally a [`RedisStore`](super::RedisStore)).
+///
+/// * **acquire**: a cached record with the same fingerprint is replayed without asking `inner` (0
+///   round trips); with a different fingerprint the answer is [`Acquired::Mismatch`]; otherwise
+///   `inner` decides, and a [`Acquired::Completed`] answer is cached.
+/// * **complete**: `inner` records the result; when it accepts it, the result is cached too.
+/// * **renew** and **release** go to `inner` unchanged.
+///
+/// Only **completed** records are cached: they never change until they expire, so a cached copy
+/// is always right. In-flight state is always read from `inner`, which stays the single authority
+/// on who runs. Each cached record expires no later than its record in `inner` (the deadline is
+/// measured from before the request that learned it), and within
+/// [`TieredConfig::max_entry_ttl`], so that a record an operator deletes from Redis stops being
+/// replayed after at most that long. The cache is bounded in bytes; evicted records are simply
+/// asked for again.
+pub struct TieredStore<S> {
+    inner: S,
+    completed: Cache<RecordKey, CachedRecord>,
+    /// The fingerprints of attempts this process started, so that `complete` (which does not
+    /// receive the fingerprint) can cache the result.
+    owned: Cache<(RecordKey, OwnerToken), Fingerprint>,
+    max_entry_ttl: Duration,
+    hits: AtomicU64,
+    misses: AtomicU64,
+}
+
+#[derive(Clone)]
+struct CachedRecord {
+    fingerprint: Fingerprint,
+    result: Arc<RecordedResult>,
+    expires_at: Instant,
+}
+
+struct CachedRecordExpiry;
+
+impl moka::Expiry<RecordKey, CachedRecord> for CachedRecordExpiry {
+    fn expire_after_create(
+        &self,
+        _: &RecordKey,
+        record: &CachedRecord,
+        now: Instant,
+    ) -> Option<Duration> {
+        Some(record.expires_at.saturating_duration_since(now))
+    }
+
+    fn expire_after_update(
+        &self,
+        _: &RecordKey,
+        record: &CachedRecord,
+        now: Instant,
+        _: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(record.expires_at.saturating_duration_since(now))
+    }
+}
+
+/// The settings of a [`TieredStore`]. Every setter states its default.
+///
+/// ```
+/// use std::time::Duration;
+/// use idem_runtime::store::{MemoryStore, TieredConfig, TieredStore};
+///
+/// let config = TieredConfig::new()
+///     .capacity_bytes(256 << 20)
+///     .max_entry_ttl(Duration::from_secs(5));
+/// let store = TieredStore::with_config(MemoryStore::default(), config);
+/// # drop(store);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[must_use]
+pub struct TieredConfig {
+    capacity_bytes: u64,
+    max_entry_ttl: Duration,
+}
+
+impl TieredConfig {
+    /// Default for [`TieredConfig::capacity_bytes`]: 64 MiB.
+    pub const DEFAULT_CAPACITY_BYTES: u64 = 64 << 20;
+    /// Default for [`TieredConfig::max_entry_ttl`]: 10 seconds.
+    pub const DEFAULT_MAX_ENTRY_TTL: Duration = Duration::from_secs(10);
+
+    /// The defaults.
+    pub const fn new() -> Self {
+        Self {
+            capacity_bytes: Self::DEFAULT_CAPACITY_BYTES,
+            max_entry_ttl: Self::DEFAULT_MAX_ENTRY_TTL,
+        }
+    }
+
+    /// About how many bytes of cached records (response bodies and headers plus a fixed overhead
+    /// per record) the cache holds before evicting. Default: 64 MiB.
+    pub const fn capacity_bytes(mut self, bytes: u64) -> Self {
+        self.capacity_bytes = bytes;
+        self
+    }
+
+    /// The longest a record stays cached, however long it lives in the inner store: how long a
+    /// record deleted from Redis by an operator may still be replayed by an instance. Zero
+    /// disables the cache. Default: 10 s.
+    pub const fn max_entry_ttl(mut self, ttl: Duration) -> Self {
+        self.max_entry_ttl = ttl;
+        self
+    }
+}
+
+impl Default for TieredConfig {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Counters of a [`TieredStore`]'s cache, from [`TieredStore::stats`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct TieredStats {
+    /// Acquires answered from the cache (replays and mismatches).
+    pub hits: u64,
+    /// Acquires that asked the inner store.
+    pub misses: u64,
+    /// Records cached now.
+    pub entries: u64,
+    /// The bytes charged against [`TieredConfig::capacity_bytes`].
+    pub weighted_size: u64,
+}
+
+impl<S: Store> TieredStore<S> {
+    /// `inner` with a cache of the default size ([`TieredConfig::new`]).
+    pub fn new(inner: S) -> Self {
+        Self::with_config(inner, TieredConfig::new())
+    }
+
+    /// `inner` with a cache configured by `config`.
+    pub fn with_config(inner: S, config: TieredConfig) -> Self {
+        let completed = Cache::builder()
+            .max_capacity(config.capacity_bytes)
+            .weigher(|_: &RecordKey, record: &CachedRecord| {
+                u32::try_from(record.result.weight())
+                    .unwrap_or(u32::MAX)
+                    .saturating_add(ENTRY_OVERHEAD)
+            })
+            .expire_after(CachedRecordExpiry)
+            .build();
+        let owned = Cache::builder()
+            .max_capacity(MAX_OWNED)
+            .time_to_live(OWNED_FOR)
+            .build();
+        Self {
+            inner,
+            completed,
+            owned,
+            max_entry_ttl: config.max_entry_ttl,
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+        }
+    }
+
+    /// The inner store.
+    pub fn inner(&self) -> &S {
+        &self.inner
+    }
+
+    /// The cache's counters. Runs the cache's pending maintenance first, so the entry count and
+    /// size are current.
+    pub fn stats(&self) -> TieredStats {
+        self.completed.run_pending_tasks();
+        TieredStats {
+            hits: self.hits.load(Ordering::Relaxed),
+            misses: self.misses.load(Ordering::Relaxed),
+            entries: self.completed.entry_count(),
+            weighted_size: self.completed.weighted_size(),
+        }
+    }
+
+    /// Drops every cached record (the inner store is untouched): the next acquire of each key
+    /// asks the inner store.
+    pub fn clear_cache(&self) {
+        self.completed.invalidate_all();
+        self.completed.run_pending_tasks();
+    }
+
+    /// Caches a completed record until `learned_at + ttl_left`, capped by `max_entry_ttl`.
+    fn remember(
+        &self,
+        key: RecordKey,
+        fingerprint: Fingerprint,
+        result: Arc<RecordedResult>,
+        learned_at: Instant,
+        ttl_left: Duration,
+    ) {
+        let keep = ttl_left.min(self.max_entry_ttl);
+        if keep.is_zero() {
+            return;
+        }
+        let Some(expires_at) = learned_at.checked_add(keep) else {
+            return;
+        };
+        if expires_at <= Instant::now() {
+            return;
+        }
+        self.completed.insert(
+            key,
+            CachedRecord {
+                fingerprint,
+                result,
+                expires_at,
+            },
+        );
+    }
+}
+
+impl<S: Store> Store for TieredStore<S> {
+    fn acquire<'a>(&'a self, request: AcquireRequest<'a>) -> StoreFuture<'a, Acquired> {
+        Box::pin(async move {
+            if let Some(cached) = self.completed.get(request.key) {
+                let now = Instant::now();
+                if cached.expires_at > now {
+                    self.hits.fetch_add(1, Ordering::Relaxed);
+                    if cached.fingerprint != *request.fingerprint {
+                        return Ok(Acquired::Mismatch);
+                    }
+                    return Ok(Acquired::Completed {
+                        result: cached.result,
+                        ttl_left: cached.expires_at - now,
+                    });
+                }
+            }
+            self.misses.fetch_add(1, Ordering::Relaxed);
+            // Measured before asking, so the cached copy cannot outlive the inner record.
+            let asked_at = Instant::now();
+            let answer = self.inner.acquire(request).await?;
+            match &answer {
+                Acquired::Completed { result, ttl_left } => self.remember(
+                    *request.key,
+                    *request.fingerprint,
+                    Arc::clone(result),
+                    asked_at,
+                    *ttl_left,
+                ),
+                Acquired::Execute { .. } => {
+                    self.owned
+                        .insert((*request.key, request.owner), *request.fingerprint);
+                }
+                Acquired::Mismatch | Acquired::InFlight { .. } => {}
+            }
+            Ok(answer)
+        })
+    }
+
+    fn renew<'a>(
+        &'a self,
+        key: &'a RecordKey,
+        owner: OwnerToken,
+        lease: Duration,
+    ) -> StoreFuture<'a, bool> {
+        self.inner.renew(key, owner, lease)
+    }
+
+    fn complete<'a>(
+        &'a self,
+        key: &'a RecordKey,
+        owner: OwnerToken,
+        result: Arc<RecordedResult>,
+        ttl: Duration,
+    ) -> StoreFuture<'a, bool> {
+        Box::pin(async move {
+            let asked_at = Instant::now();
+            let completed = self
+                .inner
+                .complete(key, owner, Arc::clone(&result), ttl)
+                .await?;
+            // A failed call keeps the fingerprint: the executor may retry the same completion.
+            if let Some(fingerprint) = self.owned.remove(&(*key, owner))
+                && completed
+            {
+                self.remember(*key, fingerprint, result, asked_at, ttl);
+            }
+            Ok(completed)
+        })
+    }
+
+    fn release<'a>(&'a self, key: &'a RecordKey, owner: OwnerToken) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            self.inner.release(key, owner).await?;
+            self.owned.invalidate(&(*key, owner));
+            Ok(())
+        })
+    }
+}
+
+impl<S: fmt::Debug> fmt::Debug for TieredStore<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TieredStore")
+            .field("inner", &self.inner)
+            .field("entries", &self.completed.entry_count())
+            .field("weighted_size", &self.completed.weighted_size())
+            .field("max_entry_ttl", &self.max_entry_ttl)
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fingerprint::Scope;
+    use crate::key::IdempotencyKey;
+    use crate::store::MemoryStore;
+
+    fn key(name: &str) -> RecordKey {
+        RecordKey::new(
+            &Scope::NONE,
+            &IdempotencyKey::parse_bytes(name.as_bytes()).unwrap(),
+        )
+    }
+
+    fn print(body: &str) -> Fingerprint {
+        Fingerprint::of(&http::Method::POST, "/", "/", "", body.as_bytes())
+    }
+
+    async fn acquire(
+        store: &TieredStore<MemoryStore>,
+        key: &RecordKey,
+        owner: OwnerToken,
+        fingerprint: &Fingerprint,
+    ) -> Acquired {
+        store
+            .acquire(AcquireRequest {
+                key,
+                owner,
+                fingerprint,
+                lease: Duration::from_secs(30),
+                retention: Duration::from_mins(1),
+            })
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn completed_records_are_served_from_memory() {
+        let store = TieredStore::new(MemoryStore::default());
+        let (k, fp) = (key("k"), print("a"));
+        let owner = OwnerToken::generate();
+        assert!(matches!(
+            acquire(&store, &k, owner, &fp).await,
+            Acquired::Execute { epoch: 1 }
+        ));
+        // In flight: never cached, every duplicate asks the inner store.
+        assert!(matches!(
+            acquire(&store, &k, OwnerToken::generate(), &fp).await,
+            Acquired::InFlight { .. }
+        ));
+        assert_eq!(store.stats().entries, 0);
+        let result = Arc::new(RecordedResult::TooLarge);
+        assert!(
+            store
+                .complete(&k, owner, Arc::clone(&result), Duration::from_mins(1))
+                .await
+                .unwrap()
+        );
+        let before = store.stats();
+        assert_eq!(before.entries, 1);
+        assert!(before.weighted_size >= u64::from(ENTRY_OVERHEAD));
+        assert!(matches!(
+            acquire(&store, &k, OwnerToken::generate(), &fp).await,
+            Acquired::Completed { .. }
+        ));
+        assert!(matches!(
+            acquire(&store, &k, OwnerToken::generate(), &print("b")).await,
+            Acquired::Mismatch
+        ));
+        let after = store.stats();
+        assert_eq!(after.hits, before.hits + 2);
+        assert_eq!(after.misses, before.misses);
+
+        // An empty cache asks the inner store once and caches its answer.
+        store.clear_cache();
+        assert!(matches!(
+            acquire(&store, &k, OwnerToken::generate(), &fp).await,
+            Acquired::Completed { .. }
+        ));
+        assert_eq!(store.stats().misses, after.misses + 1);
+        assert_eq!(store.stats().entries, 1);
+    }
+
+    #[tokio::test]
+    async fn entries_expire_with_the_record_and_within_the_cap() {
+        let config = TieredConfig::new().max_entry_ttl(Duration::from_millis(60));
+        let store = TieredStore::with_config(MemoryStore::default(), config);
+        let (short, long, fp) = (key("short"), key("long"), print("a"));
+        for (k, ttl) in [(&short, 30), (&long, 60_000)] {
+            let owner = OwnerToken::generate();
+            acquire(&store, k, owner, &fp).await;
+            let result = Arc::new(RecordedResult::TooLarge);
+            assert!(
+                store
+                    .complete(k, owner, result, Duration::from_millis(ttl))
+                    .await
+                    .unwrap()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(40)).await;
+        // The short record is gone from both tiers: the key runs again.
+        assert!(matches!(
+            acquire(&store, &short, OwnerToken::generate(), &fp).await,
+            Acquired::Execute { epoch: 1 }
+        ));
+        tokio::time::sleep(Duration::from_millis(40)).await;
+        let misses = store.stats().misses;
+        // The long record outlived the cap in memory: the inner store is asked again.
+        assert!(matches!(
+            acquire(&store, &long, OwnerToken::generate(), &fp).await,
+            Acquired::Completed { .. }
+        ));
+        assert_eq!(store.stats().misses, misses + 1);
+    }
+
+    #[tokio::test]
+    async fn a_lost_completion_is_not_cached() {
+        let store = TieredStore::new(MemoryStore::default());
+        let (k, fp) = (key("k"), print("a"));
+        let owner = OwnerToken::generate();
+        acquire(&store, &k, owner, &fp).await;
+        store.release(&k, owner).await.unwrap();
+        let result = Arc::new(RecordedResult::TooLarge);
+        assert!(
+            !store
+                .complete(&k, owner, result, Duration::from_mins(1))
+                .await
+                .unwrap()
+        );
+        assert_eq!(store.stats().entries, 0);
+    }
+}
