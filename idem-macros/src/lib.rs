@@ -165,6 +165,8 @@ use proc_macro::TokenStream;
 ///     idem_arg2: ::idem_runtime::__private::Idempotent<Json<NewPayment>>,
 /// ) -> ::idem_runtime::__private::Response {
 ///     // Your function, unchanged: its patterns, return type, `?` and `return` work as written.
+///     // (It is async by contract; called directly, clippy would flag a body without `.await`.)
+///     #[allow(clippy::unused_async)]
 ///     async fn create_payment(
 ///         AuthUser(user_id): AuthUser,
 ///         State(db): State<Db>,

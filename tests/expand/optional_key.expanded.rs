@@ -1,0 +1,48 @@
+use axum::extract::Path;
+use idem_runtime::idempotent;
+/// The key is optional: without one the request runs normally.
+pub async fn update(
+    idem_arg0: Path<u64>,
+    idem_arg1: ::idem_runtime::__private::Idempotent<String>,
+) -> ::idem_runtime::__private::Response {
+    #[allow(clippy::unused_async)]
+    async fn update(Path(id): Path<u64>, body: String) -> String {
+        id.to_string() + &body
+    }
+    static IDEM_ROUTE: ::idem_runtime::__private::RouteConfig = ::idem_runtime::__private::RouteConfig::new(
+        "update",
+    );
+    let (idem_request, idem_arg1) = ::idem_runtime::__private::Idempotent::into_parts(
+        idem_arg1,
+    );
+    let idem_scope = ::idem_runtime::__private::Scope::NONE;
+    ::idem_runtime::__private::execute(
+            idem_request,
+            &IDEM_ROUTE,
+            idem_scope,
+            update(idem_arg0, idem_arg1),
+        )
+        .await
+}
+async fn ping(
+    idem_arg0: ::idem_runtime::__private::Idempotent<()>,
+) -> ::idem_runtime::__private::Response {
+    #[allow(clippy::unused_async)]
+    async fn ping() -> &'static str {
+        "pong"
+    }
+    static IDEM_ROUTE: ::idem_runtime::__private::RouteConfig = ::idem_runtime::__private::RouteConfig::new(
+            "ping",
+        )
+        .lease(::idem_runtime::__private::Duration::from_secs(45))
+        .wait(::idem_runtime::__private::Duration::from_secs(5))
+        .store(::idem_runtime::__private::StorePolicy::Success)
+        .store_body(false);
+    let (idem_request, ()) = ::idem_runtime::__private::Idempotent::into_parts(
+        idem_arg0,
+    );
+    let idem_scope = ::idem_runtime::__private::Scope::NONE;
+    ::idem_runtime::__private::execute(idem_request, &IDEM_ROUTE, idem_scope, ping())
+        .await
+}
+fn main() {}

@@ -1,0 +1,27 @@
+mod deps {
+    pub use idem_runtime as idem;
+}
+pub async fn create(
+    idem_arg0: crate::deps::idem::__private::Idempotent<String>,
+) -> crate::deps::idem::__private::Response {
+    #[allow(clippy::unused_async)]
+    async fn create(body: String) -> String {
+        body
+    }
+    static IDEM_ROUTE: crate::deps::idem::__private::RouteConfig = crate::deps::idem::__private::RouteConfig::new(
+            "create",
+        )
+        .required(true);
+    let (idem_request, idem_arg0) = crate::deps::idem::__private::Idempotent::into_parts(
+        idem_arg0,
+    );
+    let idem_scope = crate::deps::idem::__private::Scope::NONE;
+    crate::deps::idem::__private::execute(
+            idem_request,
+            &IDEM_ROUTE,
+            idem_scope,
+            create(idem_arg0),
+        )
+        .await
+}
+fn main() {}
