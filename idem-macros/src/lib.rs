@@ -67,9 +67,9 @@ use proc_macro::TokenStream;
 /// Scopes the key to a value the handler's own parameters bind, such as the authenticated user:
 /// `scope = user_id` with a parameter `AuthUser(user_id): AuthUser`. Two principals sending the same
 /// key then never see each other's records. The binding may come from any parameter and from any
-/// depth of its pattern (`Path((org, id))`, `Json(Order { customer, .. })`, `user @ AuthUser(_)`);
-/// or-patterns (`A(x) | B(x)`) and macros in patterns are not searched. The value must implement
-/// `Display`; its text is hashed, never stored or logged.
+/// depth of its pattern (`Path((org, id))`, `Json(Order { customer, .. })`, through `&`, `mut`,
+/// `ref` and `@`); or-patterns (`A(x) | B(x)`) and macros in patterns are not searched. The value
+/// must implement `Display`; its text is hashed, never stored or logged.
 ///
 /// Default: none, one global key space. That is only safe when keys are unguessable and never
 /// shared between users: on a multi-user API, without a scope, a client that learns another user's
