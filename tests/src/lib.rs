@@ -1,3 +1,1 @@
 //! Test-only package: see `tests/`.
-
-pub mod support;
