@@ -1,0 +1,541 @@
+//! Concurrent duplicates, client disconnects over real TCP, draining on shutdown, record TTL,
+//! leases and their takeover, and responses too large to record.
+//!
+//! Handlers are held at a [`Ledger`] gate instead of sleeping, so the tests do not depend on
+//! timing except where time is the subject (TTL, leases), and there the margins are at least 3×.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::response::Response;
+use axum::routing::post;
+use http::{StatusCode, header};
+use idem_runtime::{
+    Idempotency, IdempotencyContext, Idempotent, MemoryStore, RouteConfig, Scope, execute,
+    idempotent,
+};
+use idem_tests::support::{
+    IDEMPOTENCY_KEY, Ledger, Reply, Server, connect_and_write, http1_request, keyed, raw_exchange,
+    send, wait_idle, within,
+};
+use tokio::task::JoinSet;
+
+#[idempotent(required = true)]
+async fn slow(State(ledger): State<Ledger>, body: String) -> (StatusCode, String) {
+    let run = ledger.run().await;
+    (StatusCode::CREATED, format!("run {run}: {body}"))
+}
+
+#[idempotent(required = true, wait = "2s")]
+async fn slow_waiting(State(ledger): State<Ledger>, body: String) -> (StatusCode, String) {
+    let run = ledger.run().await;
+    (StatusCode::CREATED, format!("run {run}: {body}"))
+}
+
+#[idempotent(required = true, wait = "1s")]
+async fn slow_short_wait(State(ledger): State<Ledger>, body: String) -> (StatusCode, String) {
+    let run = ledger.run().await;
+    (StatusCode::CREATED, format!("run {run}: {body}"))
+}
+
+fn gated_app(idem: &Idempotency, ledger: &Ledger) -> Router {
+    Router::new()
+        .route("/slow", post(slow))
+        .route("/waiting", post(slow_waiting))
+        .route("/short-wait", post(slow_short_wait))
+        .with_state(ledger.clone())
+        .layer(idem.layer())
+}
+
+fn spawn_send(set: &mut JoinSet<Reply>, app: &Router, request: http::Request<axum::body::Body>) {
+    let app = app.clone();
+    set.spawn(async move { send(&app, request).await });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_duplicates_run_once_and_the_others_get_409() {
+    const N: usize = 20;
+    let idem = Idempotency::builder().build();
+    let ledger = Ledger::gated();
+    let app = gated_app(&idem, &ledger);
+
+    // All N at once: whichever acquires first runs (and is held at the gate); the others must be
+    // answered while it runs.
+    let barrier = Arc::new(tokio::sync::Barrier::new(N));
+    let mut requests = JoinSet::new();
+    for _ in 0..N {
+        let (app, barrier) = (app.clone(), Arc::clone(&barrier));
+        requests.spawn(async move {
+            barrier.wait().await;
+            send(&app, keyed("POST", "/slow", "dup", "pay 10")).await
+        });
+    }
+    for _ in 0..N - 1 {
+        let reply = within("a duplicate's answer", requests.join_next())
+            .await
+            .expect("a request")
+            .expect("no panic");
+        reply.assert_problem(409, "request-in-progress");
+        assert!(reply.retry_after() >= 1, "409 carries Retry-After");
+    }
+    assert_eq!(ledger.runs(), 1, "exactly one execution");
+    assert_eq!(requests.len(), 1, "the first one is still running");
+
+    // A different body with the key in flight is still a mismatch, not a 409.
+    send(&app, keyed("POST", "/slow", "dup", "pay 99"))
+        .await
+        .assert_problem(422, "idempotency-key-reused");
+
+    ledger.open();
+    let first = within("the first request", requests.join_next())
+        .await
+        .expect("a request")
+        .expect("no panic");
+    assert_eq!(first.status, StatusCode::CREATED);
+    assert_eq!(first.text(), "run 1: pay 10");
+    assert!(!first.replayed());
+
+    let later = send(&app, keyed("POST", "/slow", "dup", "pay 10")).await;
+    assert!(later.replayed());
+    assert_eq!(later.body, first.body);
+    assert_eq!(ledger.runs(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_wait_concurrent_duplicates_wait_and_replay_the_first_result() {
+    const N: usize = 20;
+    let idem = Idempotency::builder().build();
+    let ledger = Ledger::gated();
+    let app = gated_app(&idem, &ledger);
+
+    let mut first = JoinSet::new();
+    spawn_send(&mut first, &app, keyed("POST", "/waiting", "w", "x"));
+    ledger.wait_started(1).await;
+    let mut duplicates = JoinSet::new();
+    for _ in 1..N {
+        spawn_send(&mut duplicates, &app, keyed("POST", "/waiting", "w", "x"));
+    }
+    // The duplicates are waiting (well within their 2 s), not answered with a 409.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(duplicates.len(), N - 1);
+    assert!(
+        duplicates.try_join_next().is_none(),
+        "a duplicate answered while the first request still runs"
+    );
+
+    ledger.open();
+    let first = within("the first request", first.join_next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.status, StatusCode::CREATED);
+    assert!(!first.replayed());
+    let replies = within("the waiting duplicates", duplicates.join_all()).await;
+    for reply in replies {
+        assert_eq!(reply.status, StatusCode::CREATED, "{reply:?}");
+        assert!(reply.replayed());
+        assert_eq!(reply.body, first.body);
+    }
+    assert_eq!(ledger.runs(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wait_that_runs_out_is_a_409() {
+    let idem = Idempotency::builder().build();
+    let ledger = Ledger::gated();
+    let app = gated_app(&idem, &ledger);
+
+    let mut first = JoinSet::new();
+    spawn_send(&mut first, &app, keyed("POST", "/short-wait", "w", "x"));
+    ledger.wait_started(1).await;
+    let started = std::time::Instant::now();
+    let duplicate = send(&app, keyed("POST", "/short-wait", "w", "x")).await;
+    duplicate.assert_problem(409, "request-in-progress");
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "the duplicate gave up after {:?}, before its 1 s wait",
+        started.elapsed()
+    );
+    ledger.open();
+    let first = within("the first", first.join_next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.status, StatusCode::CREATED);
+    assert_eq!(ledger.runs(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_disconnect_does_not_cancel_the_handler_and_the_retry_replays() {
+    let idem = Idempotency::builder().build();
+    let ledger = Ledger::gated();
+    let server = Server::start(gated_app(&idem, &ledger)).await;
+    let request = http1_request(
+        "POST",
+        "/slow",
+        &[(IDEMPOTENCY_KEY, "gone"), ("content-type", "text/plain")],
+        b"pay 7",
+    );
+
+    let client = connect_and_write(server.addr, &request).await;
+    ledger.wait_started(1).await;
+    drop(client);
+    // Give hyper time to see the closed connection and drop the request's future; the handler
+    // runs in its own task, so it must live on.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(idem.running(), 1, "the handler is still running");
+    assert_eq!(ledger.finished(), 0);
+
+    ledger.open();
+    ledger.wait_finished(1).await;
+    wait_idle(&idem).await;
+
+    let retry = raw_exchange(server.addr, &request).await;
+    assert_eq!(retry.status, StatusCode::CREATED);
+    assert!(
+        retry.replayed(),
+        "the disconnected request's result was recorded"
+    );
+    assert_eq!(retry.text(), "run 1: pay 7");
+    assert_eq!(ledger.runs(), 1);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_tcp_first_request_and_replay_are_byte_identical() {
+    let idem = Idempotency::builder().build();
+    let ledger = Ledger::new();
+    let server = Server::start(gated_app(&idem, &ledger)).await;
+    let request = http1_request("POST", "/slow", &[(IDEMPOTENCY_KEY, "tcp")], b"hello");
+    let first = raw_exchange(server.addr, &request).await;
+    let replay = raw_exchange(server.addr, &request).await;
+    assert_eq!(first.status, StatusCode::CREATED);
+    assert!(!first.replayed());
+    assert!(replay.replayed());
+    assert_eq!(replay.status, first.status);
+    assert_eq!(replay.body, first.body);
+    assert_eq!(
+        replay.header(header::CONTENT_TYPE),
+        first.header(header::CONTENT_TYPE)
+    );
+    assert_eq!(ledger.runs(), 1);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_waits_for_running_handlers_and_their_records() {
+    let idem = Idempotency::builder().build();
+    let ledger = Ledger::gated();
+    let app = gated_app(&idem, &ledger);
+
+    let mut first = JoinSet::new();
+    spawn_send(&mut first, &app, keyed("POST", "/slow", "drain", "x"));
+    ledger.wait_started(1).await;
+    // The client gives up: the handler keeps running, and shutdown must wait for it.
+    first.abort_all();
+    assert_eq!(idem.running(), 1);
+
+    let draining = {
+        let idem = idem.clone();
+        tokio::spawn(async move { idem.shutdown().await })
+    };
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert!(
+        !draining.is_finished(),
+        "shutdown returned while a handler was still running"
+    );
+    ledger.open();
+    within("shutdown", draining).await.unwrap();
+    assert_eq!(ledger.finished(), 1);
+    assert_eq!(idem.running(), 0);
+
+    // The runtime still serves after shutdown() returned, and the drained result was recorded.
+    let retry = send(&app, keyed("POST", "/slow", "drain", "x")).await;
+    assert!(retry.replayed());
+    assert_eq!(retry.text(), "run 1: x");
+    assert_eq!(ledger.runs(), 1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Record TTL
+// ---------------------------------------------------------------------------------------------
+
+/// Written by hand against the runtime (the macro accepts whole seconds only), as
+/// `idem_runtime::executor` documents.
+static SHORT_TTL: RouteConfig = RouteConfig::new("short_ttl")
+    .required(true)
+    .ttl(Duration::from_millis(200));
+
+async fn short_ttl(State(ledger): State<Ledger>, body: Idempotent<String>) -> Response {
+    let (request, body) = body.into_parts();
+    execute(request, &SHORT_TTL, Scope::NONE, async move {
+        let run = ledger.run().await;
+        format!("run {run}: {body}")
+    })
+    .await
+}
+
+#[idempotent(required = true, ttl = "1s")]
+async fn one_second_ttl(State(ledger): State<Ledger>, body: String) -> String {
+    let run = ledger.run().await;
+    format!("run {run}: {body}")
+}
+
+#[tokio::test]
+async fn a_record_expires_after_its_ttl_and_the_key_runs_again() {
+    let idem = Idempotency::builder().build();
+    let ledger = Ledger::new();
+    let app = Router::new()
+        .route("/short", post(short_ttl))
+        .with_state(ledger.clone())
+        .layer(idem.layer());
+
+    let first = send(&app, keyed("POST", "/short", "t", "x")).await;
+    assert_eq!(first.text(), "run 1: x");
+    let replay = send(&app, keyed("POST", "/short", "t", "x")).await;
+    assert!(replay.replayed(), "replayed within the ttl");
+
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let after = send(&app, keyed("POST", "/short", "t", "x")).await;
+    assert!(!after.replayed(), "the record outlived its ttl");
+    assert_eq!(after.text(), "run 2: x");
+    // Once expired, the key is free for any request, not only the same one.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let other = send(&app, keyed("POST", "/short", "t", "different")).await;
+    assert_eq!(other.text(), "run 3: different");
+}
+
+#[tokio::test]
+async fn the_macro_ttl_argument_reaches_the_store() {
+    let idem = Idempotency::builder().build();
+    let ledger = Ledger::new();
+    let app = Router::new()
+        .route("/ttl", post(one_second_ttl))
+        .with_state(ledger.clone())
+        .layer(idem.layer());
+    let first = send(&app, keyed("POST", "/ttl", "t", "x")).await;
+    assert_eq!(first.text(), "run 1: x");
+    assert!(send(&app, keyed("POST", "/ttl", "t", "x")).await.replayed());
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    let after = send(&app, keyed("POST", "/ttl", "t", "x")).await;
+    assert_eq!(after.text(), "run 2: x", "`ttl = \"1s\"` expired");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Leases
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_heartbeat_keeps_a_slow_handler_exclusive_past_its_lease() {
+    let lease = Duration::from_millis(150);
+    let idem = Idempotency::builder().lease(lease).build();
+    let ledger = Ledger::gated();
+    let app = gated_app(&idem, &ledger);
+
+    let mut first = JoinSet::new();
+    spawn_send(&mut first, &app, keyed("POST", "/slow", "hb", "x"));
+    ledger.wait_started(1).await;
+    // Duplicates across 4× the lease: without renewal the lease would have lapsed long ago.
+    let started = std::time::Instant::now();
+    while started.elapsed() < lease * 4 {
+        tokio::time::sleep(lease / 2).await;
+        let duplicate = send(&app, keyed("POST", "/slow", "hb", "x")).await;
+        duplicate.assert_problem(409, "request-in-progress");
+    }
+    assert_eq!(ledger.runs(), 1, "the slow handler was duplicated");
+
+    ledger.open();
+    let first = within("the first", first.join_next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.status, StatusCode::CREATED);
+    let replay = send(&app, keyed("POST", "/slow", "hb", "x")).await;
+    assert!(replay.replayed());
+    assert_eq!(ledger.runs(), 1);
+}
+
+/// The state of [`fenced`]: the ledger and the first attempt's context, kept to inspect later.
+#[derive(Clone, Default)]
+struct Fenced {
+    ledger: Ledger,
+    first_context: Arc<Mutex<Option<IdempotencyContext>>>,
+}
+
+/// The first attempt (epoch 1) is held at the gate; later ones run straight through.
+#[idempotent(required = true)]
+async fn fenced(context: IdempotencyContext, State(state): State<Fenced>, body: String) -> String {
+    let epoch = context
+        .epoch()
+        .expect("an idempotent execution has an epoch");
+    state.ledger.start();
+    if epoch == 1 {
+        *state.first_context.lock().unwrap() = Some(context.clone());
+        state.ledger.pass_gate().await;
+    }
+    state.ledger.finish();
+    format!("epoch {epoch}: {body}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_max_run_time_a_retry_takes_over_with_epoch_2_and_the_late_result_is_refused() {
+    let idem = Idempotency::builder()
+        .lease(Duration::from_millis(100))
+        .max_run_time(Duration::from_millis(150))
+        .build();
+    let state = Fenced {
+        ledger: Ledger::gated(),
+        ..Fenced::default()
+    };
+    let app = Router::new()
+        .route("/fenced", post(fenced))
+        .with_state(state.clone())
+        .layer(idem.layer());
+
+    let mut first = JoinSet::new();
+    spawn_send(&mut first, &app, keyed("POST", "/fenced", "f", "x"));
+    state.ledger.wait_started(1).await;
+
+    // Until the lease lapses (max_run_time + lease, ~250 ms) retries are 409; then one takes over.
+    let takeover = within("a retry to take over", async {
+        loop {
+            let retry = send(&app, keyed("POST", "/fenced", "f", "x")).await;
+            if retry.status != StatusCode::CONFLICT {
+                break retry;
+            }
+            retry.assert_problem(409, "request-in-progress");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert_eq!(takeover.status, StatusCode::OK);
+    assert_eq!(takeover.text(), "epoch 2: x");
+    assert!(!takeover.replayed());
+
+    // The stalled first attempt finishes late: its client still gets its own answer, but the
+    // record is the winner's and the first attempt learns it lost the lease.
+    state.ledger.open();
+    let late = within("the first", first.join_next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(late.text(), "epoch 1: x");
+    wait_idle(&idem).await;
+    let first_context = state.first_context.lock().unwrap().clone().unwrap();
+    assert_eq!(first_context.epoch(), Some(1));
+    assert!(
+        first_context.lease_lost(),
+        "the late attempt must see lease_lost()"
+    );
+
+    for _ in 0..2 {
+        let replay = send(&app, keyed("POST", "/fenced", "f", "x")).await;
+        assert!(replay.replayed());
+        assert_eq!(replay.text(), "epoch 2: x", "replays serve the winner");
+    }
+    assert_eq!(state.ledger.runs(), 2);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Responses too large to record, and status-only records
+// ---------------------------------------------------------------------------------------------
+
+#[idempotent(required = true)]
+async fn large(State(ledger): State<Ledger>, _body: String) -> Vec<u8> {
+    let run = ledger.run().await;
+    let mut body = vec![b'x'; 10 * 1024];
+    body[0] = b'0' + u8::try_from(run).unwrap();
+    body
+}
+
+#[idempotent(required = true)]
+async fn large_stream(State(ledger): State<Ledger>, _body: String) -> axum::body::Body {
+    ledger.run().await;
+    let chunks = (0..10).map(|_| Ok::<_, std::io::Error>(vec![b'y'; 1024]));
+    axum::body::Body::from_stream(futures_util::stream::iter(chunks))
+}
+
+#[tokio::test]
+async fn a_response_over_the_limit_reaches_its_client_and_duplicates_get_409() {
+    let store = MemoryStore::new(1 << 20);
+    let idem = Idempotency::builder()
+        .store(store.clone())
+        .max_response_bytes(1024)
+        .build();
+    let ledger = Ledger::new();
+    let app = Router::new()
+        .route("/large", post(large))
+        .route("/large-stream", post(large_stream))
+        .with_state(ledger.clone())
+        .layer(idem.layer());
+
+    for (route, byte) in [("/large", b'1'), ("/large-stream", b'y')] {
+        let first = send(&app, keyed("POST", route, &route[1..], "x")).await;
+        assert_eq!(first.status, StatusCode::OK);
+        assert_eq!(
+            first.body.len(),
+            10 * 1024,
+            "{route}: the first client gets it all"
+        );
+        assert_eq!(first.body[0], byte);
+        assert!(first.body[1..].iter().all(|b| *b == first.body[1]));
+
+        let runs = ledger.runs();
+        for _ in 0..2 {
+            let duplicate = send(&app, keyed("POST", route, &route[1..], "x")).await;
+            duplicate.assert_problem(409, "result-unavailable");
+        }
+        assert_eq!(
+            ledger.runs(),
+            runs,
+            "{route}: the handler must not run again"
+        );
+    }
+}
+
+#[idempotent(required = true, store_body = false)]
+async fn secret(
+    State(ledger): State<Ledger>,
+    _body: String,
+) -> (StatusCode, [(header::HeaderName, &'static str); 2], String) {
+    let run = ledger.run().await;
+    (
+        StatusCode::CREATED,
+        [
+            (header::LOCATION, "/secrets/1"),
+            (header::CONTENT_TYPE, "application/json"),
+        ],
+        format!("{{\"token\":\"one-time-{run}\"}}"),
+    )
+}
+
+#[tokio::test]
+async fn store_body_false_replays_status_and_location_without_the_body() {
+    let idem = Idempotency::builder().build();
+    let ledger = Ledger::new();
+    let app = Router::new()
+        .route("/secrets", post(secret))
+        .with_state(ledger.clone())
+        .layer(idem.layer());
+    let first = send(&app, keyed("POST", "/secrets", "s", "x")).await;
+    assert_eq!(first.status, StatusCode::CREATED);
+    assert_eq!(first.text(), "{\"token\":\"one-time-1\"}");
+
+    let replay = send(&app, keyed("POST", "/secrets", "s", "x")).await;
+    assert!(replay.replayed());
+    assert_eq!(replay.status, StatusCode::CREATED);
+    assert_eq!(replay.header(header::LOCATION), Some("/secrets/1"));
+    assert!(
+        replay.body.is_empty(),
+        "the secret body was stored: {:?}",
+        replay.body
+    );
+    assert_eq!(
+        replay.header(header::CONTENT_TYPE),
+        None,
+        "no content type for an empty body"
+    );
+    assert_eq!(ledger.runs(), 1);
+}

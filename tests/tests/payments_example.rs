@@ -1,0 +1,470 @@
+//! The payments example against its contract (DESIGN.md section 8): in process through
+//! `idem_examples::payments::app`, and the real `payments` binary over TCP, stopped with SIGTERM.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use http::{Request, StatusCode, header};
+use idem_examples::payments::{self, Settings};
+use idem_runtime::Idempotency;
+use idem_tests::support::{
+    IDEMPOTENCY_KEY, Reply, http1_request, raw_exchange, request, send, within,
+};
+use tokio::io::AsyncBufReadExt as _;
+
+fn app() -> Router {
+    let idem = Idempotency::builder().build();
+    payments::app(&idem, Settings::default())
+}
+
+/// A request as `user` (none: unauthenticated), with an optional key and a JSON body.
+fn call(
+    method: &str,
+    uri: &str,
+    user: Option<&str>,
+    key: Option<&str>,
+    body: &str,
+) -> Request<Body> {
+    let mut builder = request(method, uri);
+    if let Some(user) = user {
+        builder = builder.header(header::AUTHORIZATION, format!("Bearer {user}"));
+    }
+    if let Some(key) = key {
+        builder = builder.header(IDEMPOTENCY_KEY, key);
+    }
+    if !body.is_empty() {
+        builder = builder.header(header::CONTENT_TYPE, "application/json");
+    }
+    builder.body(body.to_owned().into()).unwrap()
+}
+
+fn pay(user: Option<&str>, key: Option<&str>, body: &str) -> Request<Body> {
+    call("POST", "/payments", user, key, body)
+}
+
+/// Asserts the example's own problem document (`https://payments.example/problems/<slug>`).
+#[track_caller]
+fn assert_app_problem(reply: &Reply, status: u16, slug: &str) {
+    assert_eq!(reply.status.as_u16(), status, "{reply:?}");
+    assert_eq!(
+        reply.header(header::CONTENT_TYPE),
+        Some("application/problem+json")
+    );
+    let document = reply.json();
+    assert_eq!(
+        document["type"],
+        format!("https://payments.example/problems/{slug}")
+    );
+    assert_eq!(document["status"], status);
+}
+
+#[tokio::test]
+async fn post_creates_a_payment_and_a_retry_replays_it() {
+    let app = app();
+    let body = r#"{"amount": 1250, "currency": "EUR"}"#;
+    let created = send(&app, pay(Some("ann"), Some("p1"), body)).await;
+    assert_eq!(created.status, StatusCode::CREATED, "{created:?}");
+    assert!(!created.replayed());
+    let payment = created.json();
+    let id = payment["id"].as_str().expect("an id").to_owned();
+    assert_eq!(payment["amount"], 1250);
+    assert_eq!(payment["currency"], "EUR");
+    assert_eq!(payment["status"], "succeeded");
+    let location = format!("/payments/{id}");
+    assert_eq!(created.header(header::LOCATION), Some(location.as_str()));
+
+    let replay = send(&app, pay(Some("ann"), Some("p1"), body)).await;
+    assert_eq!(replay.status, StatusCode::CREATED);
+    assert!(replay.replayed());
+    assert_eq!(replay.body, created.body, "byte-identical");
+    assert_eq!(replay.header(header::LOCATION), Some(location.as_str()));
+    assert_eq!(
+        replay.header(header::CONTENT_TYPE),
+        created.header(header::CONTENT_TYPE)
+    );
+
+    // One payment exists, however many retries.
+    let list = send(&app, call("GET", "/payments", Some("ann"), None, "")).await;
+    assert_eq!(list.status, StatusCode::OK);
+    assert_eq!(list.json(), serde_json::json!([payment]));
+    let one = send(&app, call("GET", &location, Some("ann"), None, "")).await;
+    assert_eq!(one.status, StatusCode::OK);
+    assert_eq!(one.json(), payment);
+
+    // The key with another body is a reuse.
+    send(
+        &app,
+        pay(
+            Some("ann"),
+            Some("p1"),
+            r#"{"amount": 99, "currency": "EUR"}"#,
+        ),
+    )
+    .await
+    .assert_problem(422, "idempotency-key-reused");
+    // A new key is a new payment.
+    let second = send(&app, pay(Some("ann"), Some("p2"), body)).await;
+    assert_eq!(second.status, StatusCode::CREATED);
+    assert_ne!(second.json()["id"], payment["id"]);
+    let list = send(&app, call("GET", "/payments", Some("ann"), None, "")).await;
+    assert_eq!(list.json().as_array().map(Vec::len), Some(2));
+}
+
+#[tokio::test]
+async fn authentication_runs_first_and_a_401_is_not_recorded() {
+    let app = app();
+    let body = r#"{"amount": 5, "currency": "USD"}"#;
+    let unauthenticated = send(&app, pay(None, Some("a1"), body)).await;
+    assert_app_problem(&unauthenticated, 401, "unauthorized");
+    assert_eq!(
+        unauthenticated.header(header::WWW_AUTHENTICATE),
+        Some("Bearer")
+    );
+    let created = send(&app, pay(Some("ann"), Some("a1"), body)).await;
+    assert_eq!(created.status, StatusCode::CREATED, "the key stayed free");
+    assert!(!created.replayed());
+    for (method, uri) in [("GET", "/payments"), ("GET", "/payments/pay_1")] {
+        let reply = send(&app, call(method, uri, None, None, "")).await;
+        assert_app_problem(&reply, 401, "unauthorized");
+    }
+}
+
+#[tokio::test]
+async fn a_payment_without_a_key_is_refused() {
+    let app = app();
+    send(
+        &app,
+        pay(Some("ann"), None, r#"{"amount": 5, "currency": "USD"}"#),
+    )
+    .await
+    .assert_problem(400, "idempotency-key-missing");
+    let list = send(&app, call("GET", "/payments", Some("ann"), None, "")).await;
+    assert_eq!(list.json(), serde_json::json!([]));
+}
+
+#[tokio::test]
+async fn a_processor_outage_is_a_503_that_is_not_recorded() {
+    let app = app();
+    let body = r#"{"amount": 5, "currency": "XTS"}"#;
+    for _ in 0..3 {
+        let reply = send(&app, pay(Some("ann"), Some("x1"), body)).await;
+        assert_app_problem(&reply, 503, "processor-unavailable");
+        assert!(!reply.replayed(), "a transient failure runs again on retry");
+        assert!(reply.retry_after() >= 1);
+    }
+}
+
+#[tokio::test]
+async fn a_declined_payment_is_a_402_that_is_recorded_and_replayed() {
+    let app = app();
+    let body = r#"{"amount": 1000001, "currency": "EUR"}"#;
+    let declined = send(&app, pay(Some("ann"), Some("d1"), body)).await;
+    assert_app_problem(&declined, 402, "declined");
+    assert!(!declined.replayed());
+    let replay = send(&app, pay(Some("ann"), Some("d1"), body)).await;
+    assert_app_problem(&replay, 402, "declined");
+    assert!(replay.replayed());
+    assert_eq!(replay.body, declined.body);
+    // The limit itself is accepted.
+    let at_limit = send(
+        &app,
+        pay(
+            Some("ann"),
+            Some("d2"),
+            r#"{"amount": 1000000, "currency": "EUR"}"#,
+        ),
+    )
+    .await;
+    assert_eq!(at_limit.status, StatusCode::CREATED);
+}
+
+#[tokio::test]
+async fn invalid_bodies_are_4xx_and_a_corrected_retry_runs() {
+    let app = app();
+    let invalid = [
+        "{",
+        r#"{"amount": "5", "currency": "EUR"}"#,
+        r#"{"amount": 5}"#,
+        r#"{"amount": -5, "currency": "EUR"}"#,
+        r#"{"amount": 5, "currency": "EUR", "extra": true}"#,
+        r#"{"amount": 0, "currency": "EUR"}"#,
+        r#"{"amount": 5, "currency": "eur"}"#,
+        r#"{"amount": 5, "currency": "EURO"}"#,
+    ];
+    for (n, body) in invalid.iter().enumerate() {
+        let reply = send(&app, pay(Some("ann"), Some(&format!("i{n}")), body)).await;
+        assert!(reply.status.is_client_error(), "{body}: {reply:?}");
+        assert_ne!(reply.status, StatusCode::PAYMENT_REQUIRED, "{body}");
+    }
+    // Rejected by the extractor: the key is free for the corrected body.
+    let rejected = send(&app, pay(Some("ann"), Some("fix"), r#"{"amount": 5}"#)).await;
+    assert!(rejected.status.is_client_error());
+    let corrected = send(
+        &app,
+        pay(
+            Some("ann"),
+            Some("fix"),
+            r#"{"amount": 5, "currency": "EUR"}"#,
+        ),
+    )
+    .await;
+    assert_eq!(corrected.status, StatusCode::CREATED);
+    assert!(!corrected.replayed());
+    let list = send(&app, call("GET", "/payments", Some("ann"), None, "")).await;
+    assert_eq!(
+        list.json().as_array().map(Vec::len),
+        Some(1),
+        "only the corrected payment exists"
+    );
+}
+
+#[tokio::test]
+async fn users_never_see_each_others_payments_or_records() {
+    let app = app();
+    let body = r#"{"amount": 7, "currency": "GBP"}"#;
+    let ann = send(&app, pay(Some("ann"), Some("same"), body)).await;
+    let bob = send(&app, pay(Some("bob"), Some("same"), body)).await;
+    assert_eq!(ann.status, StatusCode::CREATED);
+    assert_eq!(bob.status, StatusCode::CREATED);
+    assert!(!bob.replayed(), "keys are scoped to the user");
+    assert_ne!(ann.json()["id"], bob.json()["id"]);
+
+    let ann_location = ann.header(header::LOCATION).unwrap().to_owned();
+    let hidden = send(&app, call("GET", &ann_location, Some("bob"), None, "")).await;
+    assert_app_problem(&hidden, 404, "not-found");
+    let missing = send(
+        &app,
+        call("GET", "/payments/pay_nope", Some("ann"), None, ""),
+    )
+    .await;
+    assert_app_problem(&missing, 404, "not-found");
+    let bobs = send(&app, call("GET", "/payments", Some("bob"), None, "")).await;
+    assert_eq!(bobs.json(), serde_json::json!([bob.json()]));
+}
+
+#[tokio::test]
+async fn patch_updates_with_or_without_a_key() {
+    let app = app();
+    let created = send(
+        &app,
+        pay(
+            Some("ann"),
+            Some("c"),
+            r#"{"amount": 3, "currency": "EUR"}"#,
+        ),
+    )
+    .await;
+    let location = created.header(header::LOCATION).unwrap().to_owned();
+
+    let update = r#"{"description": "rent"}"#;
+    let patched = send(
+        &app,
+        call("PATCH", &location, Some("ann"), Some("u1"), update),
+    )
+    .await;
+    assert_eq!(patched.status, StatusCode::OK);
+    assert_eq!(patched.json()["description"], "rent");
+    assert!(!patched.replayed());
+    // Another change in between, then the keyed retry: it replays, it does not re-apply.
+    let other = send(
+        &app,
+        call(
+            "PATCH",
+            &location,
+            Some("ann"),
+            None,
+            r#"{"description": "food"}"#,
+        ),
+    )
+    .await;
+    assert_eq!(other.status, StatusCode::OK);
+    assert!(!other.replayed());
+    assert_eq!(other.json()["description"], "food");
+    let replay = send(
+        &app,
+        call("PATCH", &location, Some("ann"), Some("u1"), update),
+    )
+    .await;
+    assert!(replay.replayed());
+    assert_eq!(replay.body, patched.body);
+    let current = send(&app, call("GET", &location, Some("ann"), None, "")).await;
+    assert_eq!(
+        current.json()["description"],
+        "food",
+        "the replay did not re-apply"
+    );
+
+    // Without a key it runs every time.
+    for _ in 0..2 {
+        let unkeyed = send(&app, call("PATCH", &location, Some("ann"), None, update)).await;
+        assert_eq!(unkeyed.status, StatusCode::OK);
+        assert!(!unkeyed.replayed());
+    }
+    let foreign = send(
+        &app,
+        call("PATCH", &location, Some("bob"), Some("u2"), update),
+    )
+    .await;
+    assert_app_problem(&foreign, 404, "not-found");
+    let invalid = send(
+        &app,
+        call(
+            "PATCH",
+            &location,
+            Some("ann"),
+            Some("u3"),
+            r#"{"desc": 1}"#,
+        ),
+    )
+    .await;
+    assert!(invalid.status.is_client_error());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_retries_of_a_slow_payment_charge_once() {
+    let idem = Idempotency::builder().build();
+    let app = payments::app(
+        &idem,
+        Settings {
+            processing: Duration::from_millis(300),
+        },
+    );
+    let body = r#"{"amount": 10, "currency": "EUR"}"#;
+    let first = {
+        let app = app.clone();
+        tokio::spawn(async move { send(&app, pay(Some("ann"), Some("slow"), body)).await })
+    };
+    // Wait for the first request to hold the key, then retry while it is processing.
+    within("the first request to take the key", async {
+        while idem.running() == 0 {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    })
+    .await;
+    send(&app, pay(Some("ann"), Some("slow"), body))
+        .await
+        .assert_problem(409, "request-in-progress");
+    let first = within("the first", first).await.unwrap();
+    assert_eq!(first.status, StatusCode::CREATED);
+    let replay = send(&app, pay(Some("ann"), Some("slow"), body)).await;
+    assert!(replay.replayed());
+    let list = send(&app, call("GET", "/payments", Some("ann"), None, "")).await;
+    assert_eq!(list.json().as_array().map(Vec::len), Some(1));
+}
+
+// ---------------------------------------------------------------------------------------------
+// The real binary
+// ---------------------------------------------------------------------------------------------
+
+/// Builds the `payments` binary with the cargo running this test and returns its path (next to
+/// this test's own `deps/` directory).
+async fn payments_binary() -> std::path::PathBuf {
+    let test_exe = std::env::current_exe().expect("the test's path");
+    let profile_dir = test_exe
+        .parent()
+        .and_then(std::path::Path::parent)
+        .expect("target/<profile>/deps/<test>")
+        .to_owned();
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| env!("CARGO").to_owned());
+    let workspace = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the workspace root");
+    let mut build = tokio::process::Command::new(cargo);
+    build.current_dir(workspace).args([
+        "build",
+        "--quiet",
+        "-p",
+        "idem-examples",
+        "--bin",
+        "payments",
+    ]);
+    if profile_dir
+        .file_name()
+        .is_some_and(|name| name == "release")
+    {
+        build.arg("--release");
+    }
+    let status = tokio::time::timeout(Duration::from_secs(600), build.status())
+        .await
+        .expect("building payments took over 10 minutes")
+        .expect("run cargo build");
+    assert!(
+        status.success(),
+        "cargo build -p idem-examples --bin payments failed"
+    );
+    let binary = profile_dir.join(format!("payments{}", std::env::consts::EXE_SUFFIX));
+    assert!(binary.exists(), "{} was not built", binary.display());
+    binary
+}
+
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_payments_binary_serves_the_contract_and_stops_on_sigterm() {
+    let binary = payments_binary().await;
+    let mut child = tokio::process::Command::new(&binary)
+        .env("IDEM_LISTEN", "127.0.0.1:0")
+        .env_remove("REDIS_URL")
+        .env_remove("PAYMENTS_PROCESSING_MS")
+        .env_remove("IDEM_LEASE_MS")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start payments");
+    let stdout = child.stdout.take().expect("piped stdout");
+    let mut lines = tokio::io::BufReader::new(stdout).lines();
+    let line = within("the `listening on` line", lines.next_line())
+        .await
+        .expect("read stdout")
+        .expect("payments printed nothing and exited");
+    let addr: std::net::SocketAddr = line
+        .strip_prefix("listening on http://")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .parse()
+        .expect("a socket address");
+    assert_ne!(addr.port(), 0, "the real bound port is printed");
+
+    let body = br#"{"amount": 42, "currency": "EUR"}"#;
+    let headers = [
+        ("authorization", "Bearer ann"),
+        ("content-type", "application/json"),
+        (IDEMPOTENCY_KEY, "bin-1"),
+    ];
+    let request = http1_request("POST", "/payments", &headers, body);
+    let created = raw_exchange(addr, &request).await;
+    assert_eq!(created.status, StatusCode::CREATED, "{created:?}");
+    let id = created.json()["id"].as_str().unwrap().to_owned();
+    assert_eq!(
+        created.header(header::LOCATION),
+        Some(format!("/payments/{id}").as_str())
+    );
+    let replay = raw_exchange(addr, &request).await;
+    assert_eq!(replay.status, StatusCode::CREATED);
+    assert!(replay.replayed());
+    assert_eq!(replay.body, created.body);
+    let missing = raw_exchange(
+        addr,
+        &http1_request("POST", "/payments", &headers[..2], body),
+    )
+    .await;
+    missing.assert_problem(400, "idempotency-key-missing");
+    let list = raw_exchange(addr, &http1_request("GET", "/payments", &headers[..1], b"")).await;
+    assert_eq!(list.status, StatusCode::OK);
+    assert_eq!(list.json().as_array().map(Vec::len), Some(1));
+
+    let pid = child.id().expect("the child is running").to_string();
+    let kill = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("run kill");
+    assert!(kill.success());
+    let status = within("payments to exit after SIGTERM", child.wait())
+        .await
+        .expect("wait for payments");
+    assert!(
+        status.success(),
+        "payments exited with {status} after SIGTERM"
+    );
+}
