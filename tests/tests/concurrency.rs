@@ -414,8 +414,24 @@ async fn past_max_run_time_a_retry_takes_over_with_epoch_2_and_the_late_result_i
     assert_eq!(takeover.text(), "epoch 2: x");
     assert!(!takeover.replayed());
 
+    // The first attempt, still running, can see that it lost its lease before it acts: another
+    // attempt has already run with a higher epoch.
+    let first_context = state.first_context.lock().unwrap().clone().unwrap();
+    assert_eq!(first_context.epoch(), Some(1));
+    // (Allowing up to 10× the lease for the runtime to notice.)
+    let noticed = tokio::time::timeout(Duration::from_secs(1), async {
+        while !first_context.lease_lost() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    assert!(
+        noticed.is_ok(),
+        "a running attempt whose lease lapsed (and was taken over) must report lease_lost()"
+    );
+
     // The stalled first attempt finishes late: its client still gets its own answer, but the
-    // record is the winner's and the first attempt learns it lost the lease.
+    // record is the winner's.
     state.ledger.open();
     let late = within("the first", first.join_next())
         .await
@@ -423,8 +439,6 @@ async fn past_max_run_time_a_retry_takes_over_with_epoch_2_and_the_late_result_i
         .unwrap();
     assert_eq!(late.text(), "epoch 1: x");
     wait_idle(&idem).await;
-    let first_context = state.first_context.lock().unwrap().clone().unwrap();
-    assert_eq!(first_context.epoch(), Some(1));
     assert!(
         first_context.lease_lost(),
         "the late attempt must see lease_lost()"
@@ -436,6 +450,58 @@ async fn past_max_run_time_a_retry_takes_over_with_epoch_2_and_the_late_result_i
         assert_eq!(replay.text(), "epoch 2: x", "replays serve the winner");
     }
     assert_eq!(state.ledger.runs(), 2);
+}
+
+/// A route lease of 1 s under a runtime lease of 30 s.
+#[idempotent(required = true, lease = "1s")]
+async fn short_lease(State(ledger): State<Ledger>, body: String) -> String {
+    let run = ledger.start();
+    if run == 1 {
+        ledger.pass_gate().await;
+    }
+    ledger.finish();
+    format!("run {run}: {body}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_route_lease_argument_overrides_the_runtime_lease() {
+    // The first attempt stalls past max_run_time; its key frees itself after the *route's* 1 s
+    // lease, far sooner than the runtime's 30 s.
+    let idem = Idempotency::builder()
+        .lease(Duration::from_secs(30))
+        .max_run_time(Duration::from_millis(100))
+        .build();
+    let ledger = Ledger::gated();
+    let app = Router::new()
+        .route("/short-lease", post(short_lease))
+        .with_state(ledger.clone())
+        .layer(idem.layer());
+    let mut first = JoinSet::new();
+    spawn_send(&mut first, &app, keyed("POST", "/short-lease", "l", "x"));
+    ledger.wait_started(1).await;
+    let started = std::time::Instant::now();
+
+    let takeover = within("the 1 s lease to lapse", async {
+        loop {
+            let retry = send(&app, keyed("POST", "/short-lease", "l", "x")).await;
+            if retry.status != StatusCode::CONFLICT {
+                break retry;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert_eq!(takeover.text(), "run 2: x");
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "taken over after {:?}, before the lease could lapse",
+        started.elapsed()
+    );
+    ledger.open();
+    within("the first", first.join_next())
+        .await
+        .unwrap()
+        .unwrap();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -536,6 +602,90 @@ async fn store_body_false_replays_status_and_location_without_the_body() {
         replay.header(header::CONTENT_TYPE),
         None,
         "no content type for an empty body"
+    );
+    assert_eq!(ledger.runs(), 1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// A full embedded store
+// ---------------------------------------------------------------------------------------------
+
+/// Answers with as many bytes as the body asks for; held at the gate like the others.
+#[idempotent(required = true)]
+async fn sized(State(ledger): State<Ledger>, body: String) -> Vec<u8> {
+    ledger.run().await;
+    vec![b'r'; body.parse().expect("a length")]
+}
+
+fn sized_app(store: &MemoryStore, ledger: &Ledger) -> Router {
+    let idem = Idempotency::builder().store(store.clone()).build();
+    Router::new()
+        .route("/sized", post(sized))
+        .with_state(ledger.clone())
+        .layer(idem.layer())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_memory_store_never_drops_an_in_flight_record() {
+    // The store is bounded in bytes and may evict completed records (an evicted key behaves as
+    // new), but an in-flight record is the only thing keeping a duplicate from running beside
+    // the first attempt: it must never be evicted or refused admission.
+    const CAPACITY: u64 = 64 * 1024;
+    const RECORDS: u64 = 16;
+    let scratch = MemoryStore::new(CAPACITY);
+    send(
+        &sized_app(&scratch, &Ledger::new()),
+        keyed("POST", "/sized", "probe", "0"),
+    )
+    .await;
+    let overhead = scratch.weighted_size();
+
+    // Fill the store exactly with records that are often replayed (hot), as in production.
+    let store = MemoryStore::new(CAPACITY);
+    let warm = sized_app(&store, &Ledger::new());
+    let body = (CAPACITY / RECORDS - overhead).to_string();
+    let replay_all = || async {
+        for i in 0..RECORDS {
+            send(
+                &warm,
+                keyed("POST", "/sized", &format!("hot{i}"), body.clone()),
+            )
+            .await;
+        }
+    };
+    for _ in 0..5 {
+        replay_all().await;
+    }
+    assert_eq!(store.weighted_size(), CAPACITY, "the store is full");
+
+    let ledger = Ledger::gated();
+    let app = sized_app(&store, &ledger);
+    let mut first = JoinSet::new();
+    spawn_send(&mut first, &app, keyed("POST", "/sized", "new-key", "10"));
+    ledger.wait_started(1).await;
+    // Ordinary traffic on other keys meanwhile (it also runs the cache's maintenance).
+    for _ in 0..4 {
+        replay_all().await;
+    }
+
+    let duplicate = tokio::select! {
+        reply = send(&app, keyed("POST", "/sized", "new-key", "10")) => reply,
+        () = ledger.wait_started(2) => panic!(
+            "a duplicate ran beside the first attempt: the full MemoryStore dropped the in-flight record"
+        ),
+    };
+    duplicate.assert_problem(409, "request-in-progress");
+
+    ledger.open();
+    let first = within("the first", first.join_next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.body.len(), 10);
+    let retry = send(&app, keyed("POST", "/sized", "new-key", "10")).await;
+    assert!(
+        retry.replayed(),
+        "the first attempt's result was not recorded"
     );
     assert_eq!(ledger.runs(), 1);
 }

@@ -69,9 +69,14 @@ impl Fixture {
 }
 
 fn create_routes() -> Router<Ledger> {
-    Router::new()
-        .route("/create", post(create))
-        .route("/optional", post(optional).get(optional))
+    Router::new().route("/create", post(create)).route(
+        "/optional",
+        post(optional)
+            .get(optional)
+            .head(optional)
+            .options(optional)
+            .delete(optional),
+    )
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -110,10 +115,25 @@ async fn safe_methods_are_never_affected() {
         assert_eq!(reply.text(), format!("run {run}: "));
         assert!(!reply.replayed());
     }
+    for method in ["HEAD", "OPTIONS"] {
+        let reply = fx.send(keyed(method, "/optional", "k", "")).await;
+        assert!(!reply.replayed(), "{method}");
+    }
     assert_eq!(fx.records(), 0);
     // The key `k` is still free for an unsafe request.
     let reply = fx.send(keyed("POST", "/optional", "k", "")).await;
-    assert_eq!(reply.text(), "run 4: ");
+    assert_eq!(reply.text(), format!("run {}: ", fx.ledger.runs()));
+    assert!(
+        fx.send(keyed("POST", "/optional", "k", ""))
+            .await
+            .replayed()
+    );
+    // DELETE is not safe: it takes part.
+    let delete = fx.send(keyed("DELETE", "/optional", "d", "")).await;
+    assert!(!delete.replayed());
+    let again = fx.send(keyed("DELETE", "/optional", "d", "")).await;
+    assert!(again.replayed());
+    assert_eq!(again.body, delete.body);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -148,14 +168,17 @@ async fn every_malformed_key_form_is_a_400_before_the_handler() {
         ("two different field lines", vec![b"a", b"b"]),
     ];
     for (what, values) in forms {
-        let mut builder = request("POST", "/create");
-        for value in values {
-            let value = HeaderValue::from_bytes(value).expect("a byte sequence HTTP allows");
-            builder = builder.header(IDEMPOTENCY_KEY, value);
+        // Required or not, a key that is present must be valid.
+        for uri in ["/create", "/optional"] {
+            let mut builder = request("POST", uri);
+            for value in &values {
+                let value = HeaderValue::from_bytes(value).expect("a byte sequence HTTP allows");
+                builder = builder.header(IDEMPOTENCY_KEY, value);
+            }
+            let reply = fx.send(builder.body("x".into()).unwrap()).await;
+            assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{what} on {uri}");
+            reply.assert_problem(400, "idempotency-key-invalid");
         }
-        let reply = fx.send(builder.body("x".into()).unwrap()).await;
-        assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{what}");
-        reply.assert_problem(400, "idempotency-key-invalid");
     }
     assert_eq!(fx.ledger.runs(), 0, "no malformed key may run the handler");
     assert_eq!(fx.records(), 0, "no malformed key may create a record");
@@ -911,4 +934,76 @@ async fn get_routes_next_to_idempotent_ones_are_untouched() {
     let reply = fx.send(unkeyed("GET", "/plain", "")).await;
     assert_eq!(reply.text(), "plain");
     assert!(!reply.replayed());
+}
+
+#[tokio::test]
+async fn replay_header_extends_the_allow_list_but_never_to_credentials() {
+    let idem = Idempotency::builder()
+        .replay_header(http::HeaderName::from_static("x-request-id"))
+        .replay_header(header::SET_COOKIE)
+        .replay_header(header::WWW_AUTHENTICATE)
+        .build();
+    let fx = Fixture::with(
+        Router::new().route("/things", post(with_headers)),
+        &idem,
+        MemoryStore::new(1),
+    );
+    let first = fx.send(keyed("POST", "/things", "k", "1")).await;
+    let replay = fx.send(keyed("POST", "/things", "k", "1")).await;
+    assert!(replay.replayed());
+    assert_eq!(replay.header("x-request-id"), first.header("x-request-id"));
+    assert_eq!(replay.header(header::LOCATION), Some("/things/1"));
+    assert_eq!(
+        replay.header(header::SET_COOKIE),
+        None,
+        "cookies are never replayed"
+    );
+    assert_eq!(replay.header(header::WWW_AUTHENTICATE), None);
+}
+
+#[tokio::test]
+async fn fail_open_runs_unprotected_and_says_so() {
+    let idem = Idempotency::builder()
+        .store(Unreachable)
+        .fail_open(true)
+        .build();
+    let fx = Fixture::with(create_routes(), &idem, MemoryStore::new(1));
+    for run in 1..=2 {
+        let reply = fx.send(keyed("POST", "/create", "k", "x")).await;
+        assert_eq!(reply.status, StatusCode::CREATED);
+        assert_eq!(reply.text(), format!("run {run}: x"));
+        assert_eq!(reply.header("idempotent-unprotected"), Some("true"));
+        assert!(!reply.replayed());
+    }
+}
+
+#[idempotent(required = true)]
+async fn failing_body(State(ledger): State<Ledger>, _body: String) -> axum::body::Body {
+    let run = ledger.run().await;
+    let chunks: Vec<Result<String, std::io::Error>> = vec![
+        Ok(format!("run {run} part 1;")),
+        Err(std::io::Error::other("the response stream broke")),
+    ];
+    axum::body::Body::from_stream(futures_util::stream::iter(chunks))
+}
+
+#[tokio::test]
+async fn a_response_body_that_fails_is_not_recorded_and_the_key_is_released() {
+    use http_body_util::BodyExt as _;
+    use tower::ServiceExt as _;
+
+    let fx = Fixture::new(Router::new().route("/fails", post(failing_body)));
+    for run in 1..=2 {
+        let response = fx
+            .app
+            .clone()
+            .oneshot(keyed("POST", "/fails", "k", "x"))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(response.headers().get("idempotent-replayed"), None);
+        let body = response.into_body().collect().await;
+        assert!(body.is_err(), "the client sees the body fail");
+        assert_eq!(fx.ledger.runs(), run, "a retry runs again");
+    }
 }
