@@ -56,6 +56,10 @@ pub(crate) struct Load {
     pub(crate) duration: Duration,
     /// At most this many requests in all (warm-up included); the run ends earlier if reached.
     pub(crate) max_requests: u64,
+    /// `None`: a closed loop (each connection sends its next request as soon as the previous one
+    /// is answered). `Some(rate)`: an open loop offering `rate` requests per second in all, spread
+    /// evenly over the connections, so that two scenarios can be compared at the same load.
+    pub(crate) rate: Option<f64>,
 }
 
 /// What a run measured.
@@ -106,6 +110,10 @@ impl Outcome {
 
 struct Shared {
     target: Target,
+    /// Time between two requests of one connection (open loop).
+    interval: Option<Duration>,
+    connections: usize,
+    start: Instant,
     next: AtomicU64,
     max_requests: u64,
     measure_from: Instant,
@@ -144,8 +152,16 @@ pub(crate) fn run(target: &Target, load: Load) -> Outcome {
 
 async fn drive(target: Target, load: Load) -> Outcome {
     let start = Instant::now();
+    #[allow(clippy::cast_precision_loss)]
+    let interval = load
+        .rate
+        .filter(|rate| *rate > 0.0)
+        .map(|rate| Duration::from_secs_f64(load.connections as f64 / rate));
     let shared = Arc::new(Shared {
         target,
+        interval,
+        connections: load.connections,
+        start,
         next: AtomicU64::new(0),
         max_requests: load.max_requests,
         measure_from: start + load.warmup,
@@ -153,7 +169,7 @@ async fn drive(target: Target, load: Load) -> Outcome {
     });
     let per_connection = expected_per_connection(load);
     let tasks: Vec<_> = (0..load.connections)
-        .map(|_| tokio::spawn(connection(Arc::clone(&shared), per_connection)))
+        .map(|i| tokio::spawn(connection(Arc::clone(&shared), i, per_connection)))
         .collect();
     let mut outcome = Outcome::default();
     let mut last_done = shared.measure_from;
@@ -179,19 +195,23 @@ fn expected_per_connection(load: Load) -> usize {
     usize::try_from(bound.min(200_000)).unwrap_or(200_000)
 }
 
-async fn connection(shared: Arc<Shared>, capacity: usize) -> ConnectionOutcome {
+async fn connection(shared: Arc<Shared>, index: usize, capacity: usize) -> ConnectionOutcome {
     let mut outcome = ConnectionOutcome {
         latencies: Vec::with_capacity(capacity),
         ..ConnectionOutcome::default()
     };
-    if let Err(error) = requests(&shared, &mut outcome).await {
+    if let Err(error) = requests(&shared, index, &mut outcome).await {
         eprintln!("client connection failed: {error}");
         outcome.io_error = true;
     }
     outcome
 }
 
-async fn requests(shared: &Shared, outcome: &mut ConnectionOutcome) -> std::io::Result<()> {
+async fn requests(
+    shared: &Shared,
+    index: usize,
+    outcome: &mut ConnectionOutcome,
+) -> std::io::Result<()> {
     let target = &shared.target;
     let mut stream = TcpStream::connect(target.addr).await?;
     stream.set_nodelay(true)?;
@@ -205,7 +225,23 @@ async fn requests(shared: &Shared, outcome: &mut ConnectionOutcome) -> std::io::
     )?;
     let mut request = Vec::with_capacity(512);
     let mut response = Vec::with_capacity(4096);
+    // Open loop: connections start staggered over one interval, then send one request per interval.
+    let mut next_send = shared.interval.map(|interval| {
+        let connections = u32::try_from(shared.connections).unwrap_or(u32::MAX);
+        let offset = u32::try_from(index).unwrap_or(0);
+        shared.start + interval * offset / connections.max(1)
+    });
     loop {
+        if let (Some(next), Some(interval)) = (&mut next_send, shared.interval) {
+            let now = Instant::now();
+            if *next > now {
+                tokio::time::sleep_until((*next).into()).await;
+            } else if now - *next > interval {
+                // Behind schedule (the server is slower than the offered rate): do not burst.
+                *next = now;
+            }
+            *next += interval;
+        }
         let n = shared.next.fetch_add(1, Ordering::Relaxed);
         if n >= shared.max_requests || Instant::now() >= shared.end {
             return Ok(());

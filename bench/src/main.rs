@@ -45,6 +45,8 @@ LOAD OPTIONS (environment variable in brackets):
     --connections N       keep-alive connections (= concurrency) [IDEM_BENCH_CONNECTIONS, default 16]
     --max-requests N      request cap per scenario            [IDEM_BENCH_MAX_REQUESTS, default 2000000]
     --rounds N            rounds of every scenario; each row is the median round [IDEM_BENCH_ROUNDS, default 3]
+    --latency-rate RPS    the rate offered to both sides of the equal-load latency comparison
+                          [default: half the first execution's closed-loop req/s]
     --pool N              keys replayed by the replay scenarios [default 1000]
     --server-threads N    server tokio worker threads         [IDEM_BENCH_SERVER_THREADS, default 2]
     --only LIST           comma-separated scenario ids (bare is always run): embedded, redis,
@@ -116,6 +118,7 @@ pub(crate) struct Options {
     connections: usize,
     max_requests: u64,
     rounds: usize,
+    latency_rate: Option<f64>,
     pool: u64,
     server_threads: usize,
     only: Option<Vec<String>>,
@@ -141,6 +144,7 @@ impl Options {
                     .unwrap_or("2000000"),
             )?,
             rounds: number(env("IDEM_BENCH_ROUNDS").as_deref().unwrap_or("3"))?,
+            latency_rate: None,
             pool: 1000,
             server_threads: number(env("IDEM_BENCH_SERVER_THREADS").as_deref().unwrap_or("2"))?,
             only: None,
@@ -167,6 +171,7 @@ impl Options {
                 "--connections" => options.connections = number(value)?,
                 "--max-requests" => options.max_requests = number(value)?,
                 "--rounds" => options.rounds = number(value)?,
+                "--latency-rate" => options.latency_rate = Some(number(value)?),
                 "--pool" => options.pool = number(value)?,
                 "--server-threads" => options.server_threads = number(value)?,
                 "--only" => options.only = Some(value.split(',').map(str::to_owned).collect()),
@@ -240,10 +245,98 @@ struct Row {
 }
 
 impl Row {
+    /// The run with the median throughput.
     fn median(&self) -> &Measurement {
         let mut order: Vec<&Measurement> = self.runs.iter().collect();
         order.sort_by(|a, b| a.outcome.rate().total_cmp(&b.outcome.rate()));
         order[order.len() / 2]
+    }
+
+    /// The run with the median p99 latency (for runs at the same offered rate).
+    fn median_p99(&self) -> &Measurement {
+        let mut order: Vec<&Measurement> = self.runs.iter().collect();
+        order.sort_by_key(|run| run.outcome.quantile(0.99));
+        order[order.len() / 2]
+    }
+}
+
+/// Latency at equal load: the bare route, the two-round-trip floor and a first execution with
+/// moka + Redis, all offered the same request rate (open loop), so that the p99 difference is what
+/// idempotency adds to a request rather than the queueing a lower throughput causes at a fixed
+/// concurrency. The rate is
+/// `--latency-rate`, or half the first execution's closed-loop throughput (a load it sustains).
+fn equal_load(
+    options: &Options,
+    instances: &Instances,
+    redis: &RedisServer,
+    rows: &[Row],
+    load: Load,
+) -> Result<Option<(f64, Vec<Row>)>, String> {
+    let Some(first) = rows.iter().find(|row| row.id == "redis") else {
+        return Ok(None);
+    };
+    let rate = options
+        .latency_rate
+        .unwrap_or_else(|| (first.median().outcome.rate() / 2.0).round());
+    let load = Load {
+        rate: Some(rate),
+        ..load
+    };
+    let scenarios: Vec<Scenario> = scenarios(instances)
+        .into_iter()
+        .filter(|s| {
+            ["bare", "embedded", "floor2", "redis"].contains(&s.id) && rows.iter().any(|row| row.id == s.id)
+        })
+        .collect();
+    let mut equal: Vec<Row> = scenarios
+        .iter()
+        .map(|s| Row {
+            id: s.id,
+            name: s.name,
+            runs: Vec::new(),
+        })
+        .collect();
+    eprintln!("latency at equal load: {rate:.0} req/s offered");
+    for round in 0..options.rounds {
+        for (scenario, row) in scenarios.iter().zip(&mut equal) {
+            let target = Target {
+                addr: scenario.addr,
+                path: scenario.path,
+                // Fresh keys of their own, apart from the closed-loop rounds' keys.
+                keys: (scenario.keys)(round + options.rounds, options.pool),
+                expect_replayed: scenario.expect_replayed,
+            };
+            row.runs
+                .push(measure(redis, &target, load, options.verbose)?);
+        }
+    }
+    Ok(Some((rate, equal)))
+}
+
+fn print_equal_load(rate: f64, rows: &[Row]) {
+    println!();
+    println!(
+        "Latency at equal load: {rate:.0} req/s offered to each (open loop), run with the median p99 of {} rounds",
+        rows.first().map_or(0, |row| row.runs.len())
+    );
+    println!();
+    println!("| scenario | req/s achieved | p50 ms | p99 ms | p99 − bare ms | errors |");
+    println!("|---|---:|---:|---:|---:|---:|");
+    let bare_p99 = rows.first().map_or(Duration::ZERO, |row| {
+        row.median_p99().outcome.quantile(0.99)
+    });
+    for row in rows {
+        let outcome = &row.median_p99().outcome;
+        let p99 = outcome.quantile(0.99);
+        let errors: u64 = row.runs.iter().map(|r| r.outcome.errors()).sum();
+        println!(
+            "| {} | {:.0} | {} | {} | {:+.3} | {errors} |",
+            row.name,
+            outcome.rate(),
+            millis(outcome.quantile(0.5)),
+            millis(p99),
+            (p99.as_secs_f64() - bare_p99.as_secs_f64()) * 1e3,
+        );
     }
 }
 
@@ -270,6 +363,7 @@ fn load(options: &Options) -> Result<(), String> {
         warmup: options.warmup,
         duration: options.duration,
         max_requests: options.max_requests,
+        rate: None,
     };
     let mut rows: Vec<Row> = scenarios
         .iter()
@@ -294,13 +388,18 @@ fn load(options: &Options) -> Result<(), String> {
             eprintln!("  {:<42} {run:>9.0} req/s", scenario.name);
         }
     }
+    let equal = equal_load(options, &instances, &redis, &rows, load)?;
     server.shutdown_timeout(Duration::from_secs(1));
     drop(redis);
 
     print_table(&rows);
-    print_targets(&rows);
+    if let Some((rate, equal)) = &equal {
+        print_equal_load(*rate, equal);
+    }
+    print_targets(&rows, equal.as_ref().map(|(_, rows)| rows.as_slice()));
     if rows
         .iter()
+        .chain(equal.iter().flat_map(|(_, rows)| rows))
         .flat_map(|row| &row.runs)
         .any(|run| run.outcome.errors() > 0)
     {
@@ -406,6 +505,7 @@ fn prime_pool(tiered: SocketAddr, options: &Options) -> Result<(), String> {
         warmup: Duration::ZERO,
         duration: Duration::from_secs(600),
         max_requests: options.pool,
+        rate: None,
     };
     let target = Target {
         addr: tiered,
@@ -549,7 +649,7 @@ fn print_table(rows: &[Row]) {
     }
 }
 
-fn print_targets(rows: &[Row]) {
+fn print_targets(rows: &[Row], equal: Option<&[Row]>) {
     let find = |id| {
         rows.iter()
             .find(|r| r.id == id)
@@ -585,9 +685,19 @@ fn print_targets(rows: &[Row]) {
         let delta =
             run.outcome.quantile(0.99).as_secs_f64() - bare.outcome.quantile(0.99).as_secs_f64();
         println!(
-            "target: first execution moka + Redis p99 ≤ bare p99 + 1 ms: {:+.3} ms ({})",
+            "target: first execution moka + Redis p99 ≤ bare p99 + 1 ms, closed loop: {:+.3} ms ({})",
             delta * 1e3,
             verdict(delta <= 1e-3)
         );
+        let find = |id| equal?.iter().find(|row: &&Row| row.id == id);
+        if let (Some(bare), Some(idem)) = (find("bare"), find("redis")) {
+            let p99 = |row: &Row| row.median_p99().outcome.quantile(0.99).as_secs_f64();
+            let delta = p99(idem) - p99(bare);
+            println!(
+                "target: first execution moka + Redis p99 ≤ bare p99 + 1 ms, equal load: {:+.3} ms ({})",
+                delta * 1e3,
+                verdict(delta <= 1e-3)
+            );
+        }
     }
 }
