@@ -1,3 +1,6 @@
-//! Test-only package: see `tests/`.
+//! Test-only package: the behaviour, UI and expansion tests live in `tests/`; this library holds
+//! what they share.
+
+pub mod redis;
 
 pub mod support;

@@ -1,0 +1,962 @@
+//! The Redis store against a real `redis-server` started by each test: the transitions and their
+//! idempotency under retry, record layout and TTLs, failures, round trips, and two app instances
+//! sharing one Redis through real routers.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{FromRequestParts, State};
+use axum::routing::post;
+use http::request::Parts;
+use http::{HeaderMap, Request, StatusCode};
+use http_body_util::BodyExt as _;
+use idem_runtime::fingerprint::{Fingerprint, RecordKey, Scope, scope};
+use idem_runtime::key::IdempotencyKey;
+use idem_runtime::record::{RecordedResult, StoredResponse};
+use idem_runtime::store::{
+    AcquireRequest, Acquired, OwnerToken, RedisConfig, RedisStore, Store, StoreError, TieredConfig,
+    TieredStore,
+};
+use idem_runtime::{Idempotency, IdempotencyContext, idempotent};
+use idem_tests::redis::RedisServer;
+use tower::ServiceExt as _;
+
+// ---------------------------------------------------------------------------------------------
+// Store-level helpers
+
+fn key(name: &str) -> RecordKey {
+    RecordKey::new(
+        &Scope::NONE,
+        &IdempotencyKey::parse_bytes(name.as_bytes()).unwrap(),
+    )
+}
+
+fn print(body: &str) -> Fingerprint {
+    Fingerprint::of(&http::Method::POST, "/", "/", "", body.as_bytes())
+}
+
+fn response(body: &'static str) -> Arc<RecordedResult> {
+    Arc::new(RecordedResult::Response(StoredResponse {
+        status: StatusCode::CREATED,
+        headers: vec![(
+            http::header::LOCATION,
+            http::HeaderValue::from_static("/p/1"),
+        )],
+        body: bytes::Bytes::from_static(body.as_bytes()),
+    }))
+}
+
+async fn connect(server: &RedisServer) -> RedisStore {
+    let config = RedisConfig::new().response_timeout(Duration::from_millis(300));
+    RedisStore::connect(server.url(), config).await.unwrap()
+}
+
+async fn acquire(
+    store: &impl Store,
+    key: &RecordKey,
+    owner: OwnerToken,
+    fingerprint: &Fingerprint,
+    lease: Duration,
+    retention: Duration,
+) -> Result<Acquired, StoreError> {
+    store
+        .acquire(AcquireRequest {
+            key,
+            owner,
+            fingerprint,
+            lease,
+            retention,
+        })
+        .await
+}
+
+const LEASE: Duration = Duration::from_secs(30);
+const RETENTION: Duration = Duration::from_secs(60);
+
+fn pttl(server: &RedisServer, key: &RecordKey) -> i64 {
+    server.query(redis::cmd("PTTL").arg(RedisStore::key_name(key)))
+}
+
+fn field(server: &RedisServer, key: &RecordKey, name: &str) -> Option<String> {
+    server.query(redis::cmd("HGET").arg(RedisStore::key_name(key)).arg(name))
+}
+
+fn server_now_ms(server: &RedisServer) -> i64 {
+    let (seconds, micros): (i64, i64) = server.query(&redis::cmd("TIME"));
+    seconds * 1000 + micros / 1000
+}
+
+/// Commands the scripts run inside Redis: `INFO commandstats` counts them too.
+const SCRIPT_INNER: &[&str] = &["time", "hmget", "hget", "hset", "hdel", "pexpire", "pttl"];
+
+/// `EVALSHA` calls, and calls of every command a client sent (everything but the commands run
+/// inside scripts and the `INFO` the measurement itself sends).
+fn calls(server: &RedisServer) -> (u64, u64) {
+    let stats = server.command_calls();
+    let evalsha = stats.get("evalsha").copied().unwrap_or(0);
+    let sent = stats
+        .iter()
+        .filter(|(name, _)| name.as_str() != "info" && !SCRIPT_INNER.contains(&name.as_str()))
+        .map(|(_, calls)| calls)
+        .sum();
+    (evalsha, sent)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The state machine
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_transition_converges_when_retried() {
+    let server = RedisServer::start();
+    let store = connect(&server).await;
+    let (k, fp) = (key("k"), print("a"));
+    let (first, second) = (OwnerToken::generate(), OwnerToken::generate());
+
+    let acquired = acquire(&store, &k, first, &fp, LEASE, RETENTION).await;
+    assert!(matches!(acquired, Ok(Acquired::Execute { epoch: 1 })));
+    // A retried acquire (the first may have timed out after executing) is ours again.
+    let retried = acquire(&store, &k, first, &fp, LEASE, RETENTION).await;
+    assert!(matches!(retried, Ok(Acquired::Execute { epoch: 1 })));
+    match acquire(&store, &k, second, &fp, LEASE, RETENTION).await {
+        Ok(Acquired::InFlight { lease_left }) => {
+            assert!(lease_left > Duration::from_secs(29) && lease_left <= LEASE);
+        }
+        other => panic!("expected in flight, got {other:?}"),
+    }
+    let mismatch = acquire(&store, &k, second, &print("b"), LEASE, RETENTION).await;
+    assert!(matches!(mismatch, Ok(Acquired::Mismatch)));
+
+    assert!(store.renew(&k, first, LEASE).await.unwrap());
+    assert!(store.renew(&k, first, LEASE).await.unwrap(), "renew twice");
+    assert!(!store.renew(&k, second, LEASE).await.unwrap());
+    store.release(&k, second).await.unwrap();
+    assert_eq!(field(&server, &k, "owner").map(|o| o.len()), Some(32));
+
+    let result = response("{\"id\":1}");
+    let ttl = Duration::from_secs(60);
+    assert!(
+        !store
+            .complete(&k, second, Arc::clone(&result), ttl)
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .complete(&k, first, Arc::clone(&result), ttl)
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .complete(&k, first, Arc::clone(&result), ttl)
+            .await
+            .unwrap(),
+        "a repeated completion reports success"
+    );
+    assert!(
+        !store
+            .complete(&k, second, Arc::clone(&result), ttl)
+            .await
+            .unwrap()
+    );
+    assert!(!store.renew(&k, first, LEASE).await.unwrap(), "completed");
+    store.release(&k, first).await.unwrap();
+
+    match acquire(&store, &k, second, &fp, LEASE, RETENTION).await {
+        Ok(Acquired::Completed { result: stored, .. }) => assert_eq!(stored, result),
+        other => panic!("expected completed, got {other:?}"),
+    }
+    let mismatch = acquire(&store, &k, second, &print("b"), LEASE, RETENTION).await;
+    assert!(matches!(mismatch, Ok(Acquired::Mismatch)));
+    assert_eq!(field(&server, &k, "state").as_deref(), Some("c"));
+    assert_eq!(field(&server, &k, "epoch").as_deref(), Some("1"));
+    assert_eq!(field(&server, &k, "lease_until"), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_lease_is_taken_over_and_the_lost_owner_is_refused() {
+    let server = RedisServer::start();
+    let store = connect(&server).await;
+    let (k, fp) = (key("k"), print("a"));
+    let (first, second) = (OwnerToken::generate(), OwnerToken::generate());
+    let lease = Duration::from_millis(200);
+
+    let acquired = acquire(&store, &k, first, &fp, lease, RETENTION).await;
+    assert!(matches!(acquired, Ok(Acquired::Execute { epoch: 1 })));
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    let taken = acquire(&store, &k, second, &fp, lease, RETENTION).await;
+    assert!(matches!(taken, Ok(Acquired::Execute { epoch: 2 })));
+    let retried = acquire(&store, &k, second, &fp, lease, RETENTION).await;
+    assert!(matches!(retried, Ok(Acquired::Execute { epoch: 2 })));
+    // The first attempt resumes after its pause: it may neither renew, nor record, nor release.
+    assert!(!store.renew(&k, first, lease).await.unwrap());
+    let late = response("late");
+    assert!(!store.complete(&k, first, late, RETENTION).await.unwrap());
+    store.release(&k, first).await.unwrap();
+    let winner = response("winner");
+    assert!(
+        store
+            .complete(&k, second, Arc::clone(&winner), RETENTION)
+            .await
+            .unwrap()
+    );
+    match acquire(&store, &k, first, &fp, lease, RETENTION).await {
+        Ok(Acquired::Completed { result, .. }) => assert_eq!(result, winner),
+        other => panic!("expected the winner's result, got {other:?}"),
+    }
+    assert_eq!(field(&server, &k, "epoch").as_deref(), Some("2"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn release_ends_the_lease_and_keeps_the_epoch() {
+    let server = RedisServer::start();
+    let store = connect(&server).await;
+    let (k, fp) = (key("k"), print("a"));
+    let (first, second, third) = (
+        OwnerToken::generate(),
+        OwnerToken::generate(),
+        OwnerToken::generate(),
+    );
+    acquire(&store, &k, first, &fp, LEASE, RETENTION)
+        .await
+        .unwrap();
+    store.release(&k, first).await.unwrap();
+    store.release(&k, first).await.unwrap(); // released twice: harmless
+    assert!(pttl(&server, &k) > 59_000, "the record is kept");
+    let next = acquire(&store, &k, second, &fp, LEASE, RETENTION).await;
+    assert!(matches!(next, Ok(Acquired::Execute { epoch: 2 })));
+    // A stale release by the first owner changes nothing.
+    store.release(&k, first).await.unwrap();
+    let blocked = acquire(&store, &k, third, &fp, LEASE, RETENTION).await;
+    assert!(matches!(blocked, Ok(Acquired::InFlight { .. })));
+    store.release(&k, second).await.unwrap();
+    let next = acquire(&store, &k, third, &fp, LEASE, RETENTION).await;
+    assert!(matches!(next, Ok(Acquired::Execute { epoch: 3 })));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_live_as_long_as_they_should() {
+    let server = RedisServer::start();
+    let store = connect(&server).await;
+    let fp = print("a");
+    let owner = OwnerToken::generate();
+
+    // In flight: kept for the retention (the route's ttl), lease deadline on the server's clock.
+    let k = key("retained");
+    let lease = Duration::from_millis(300);
+    acquire(&store, &k, owner, &fp, lease, RETENTION)
+        .await
+        .unwrap();
+    let left = pttl(&server, &k);
+    assert!((59_000..=60_000).contains(&left), "in-flight PTTL {left}");
+    let lease_until: i64 = field(&server, &k, "lease_until").unwrap().parse().unwrap();
+    let lease_left = lease_until - server_now_ms(&server);
+    assert!(
+        (0..=300).contains(&lease_left),
+        "lease left {lease_left} ms"
+    );
+
+    // A retention shorter than the lease is raised to the lease; renewing extends both.
+    let k = key("short");
+    let retention = Duration::from_millis(100);
+    acquire(&store, &k, owner, &fp, Duration::from_secs(5), retention)
+        .await
+        .unwrap();
+    let left = pttl(&server, &k);
+    assert!(
+        (4_000..=5_000).contains(&left),
+        "PTTL raised to the lease: {left}"
+    );
+    assert!(
+        store
+            .renew(&k, owner, Duration::from_secs(10))
+            .await
+            .unwrap()
+    );
+    let left = pttl(&server, &k);
+    assert!((9_000..=10_000).contains(&left), "PTTL after renew: {left}");
+
+    // Completed: kept for the ttl given to complete, reported by acquire in the same call.
+    assert!(
+        store
+            .complete(&k, owner, response("done"), Duration::from_secs(30))
+            .await
+            .unwrap()
+    );
+    let left = pttl(&server, &k);
+    assert!((29_000..=30_000).contains(&left), "completed PTTL {left}");
+    match acquire(&store, &k, OwnerToken::generate(), &fp, lease, RETENTION).await {
+        Ok(Acquired::Completed { ttl_left, .. }) => {
+            assert!(ttl_left <= Duration::from_secs(30) && ttl_left > Duration::from_secs(29));
+        }
+        other => panic!("expected completed, got {other:?}"),
+    }
+
+    // And it is gone after its ttl.
+    let k = key("brief");
+    acquire(&store, &k, owner, &fp, lease, RETENTION)
+        .await
+        .unwrap();
+    let brief = Duration::from_millis(100);
+    assert!(
+        store
+            .complete(&k, owner, response("x"), brief)
+            .await
+            .unwrap()
+    );
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let exists: bool = server.query(redis::cmd("EXISTS").arg(RedisStore::key_name(&k)));
+    assert!(!exists);
+    let other = print("other");
+    let again = acquire(&store, &k, OwnerToken::generate(), &other, lease, RETENTION).await;
+    assert!(matches!(again, Ok(Acquired::Execute { epoch: 1 })));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupt_records_are_errors_not_panics() {
+    let server = RedisServer::start();
+    let store = connect(&server).await;
+    let fp = print("a");
+    let owner = OwnerToken::generate();
+
+    let cases: [(&str, &[&str]); 5] = [
+        (
+            "garbage result",
+            &["state", "c", "fingerprint", "", "result", "garbage"],
+        ),
+        ("unknown state", &["state", "x", "fingerprint", ""]),
+        (
+            "no epoch",
+            &["state", "i", "fingerprint", "", "lease_until", "1"],
+        ),
+        ("no result", &["state", "c", "fingerprint", ""]),
+        ("no fingerprint", &["state", "c", "result", "x"]),
+    ];
+    let fingerprint_hex = fp.0.map(|byte| format!("{byte:02x}")).concat();
+    for (case, fields) in cases {
+        let k = key(&case.replace(' ', "-"));
+        let mut command = redis::cmd("HSET");
+        command.arg(RedisStore::key_name(&k));
+        for field in fields {
+            // An empty fingerprint field stands for the request's own.
+            command.arg(if field.is_empty() {
+                fingerprint_hex.as_str()
+            } else {
+                field
+            });
+        }
+        let _: i64 = server.query(&command);
+        let answer = acquire(&store, &k, owner, &fp, LEASE, RETENTION).await;
+        assert!(
+            matches!(answer, Err(StoreError::Corrupt(_))),
+            "{case}: {answer:?}"
+        );
+    }
+
+    // A key of another type: acquire reports it, the owner-only transitions find nothing owned.
+    let k = key("string");
+    let _: () = server.query(redis::cmd("SET").arg(RedisStore::key_name(&k)).arg("x"));
+    let answer = acquire(&store, &k, owner, &fp, LEASE, RETENTION).await;
+    assert!(matches!(answer, Err(StoreError::Corrupt(_))), "{answer:?}");
+    assert!(!store.renew(&k, owner, LEASE).await.unwrap());
+    assert!(
+        !store
+            .complete(&k, owner, response("x"), LEASE)
+            .await
+            .unwrap()
+    );
+    store.release(&k, owner).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forgotten_scripts_are_reloaded_transparently() {
+    let server = RedisServer::start();
+    let store = connect(&server).await;
+    let fp = print("a");
+    let owner = OwnerToken::generate();
+    let loads = || {
+        server
+            .command_calls()
+            .get("script|load")
+            .copied()
+            .unwrap_or(0)
+    };
+    assert_eq!(loads(), 4, "connect loads the four scripts");
+
+    let _: () = server.query(redis::cmd("SCRIPT").arg("FLUSH"));
+    let k = key("k");
+    let acquired = acquire(&store, &k, owner, &fp, LEASE, RETENTION).await;
+    assert!(matches!(acquired, Ok(Acquired::Execute { epoch: 1 })));
+    assert_eq!(loads(), 5, "the acquire script was reloaded once");
+    assert!(
+        store
+            .complete(&k, owner, response("x"), RETENTION)
+            .await
+            .unwrap()
+    );
+    let replay = acquire(&store, &k, OwnerToken::generate(), &fp, LEASE, RETENTION).await;
+    assert!(matches!(replay, Ok(Acquired::Completed { .. })));
+    assert_eq!(loads(), 6, "then the complete script, and nothing else");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_names_hold_no_client_bytes() {
+    let server = RedisServer::start();
+    let store = connect(&server).await;
+    let fp = print("a");
+    let hostile = [
+        "\"{evil}\"",
+        "\"idem:v1:{x}\"",
+        "\"* ? [ ] \\\\ \\\" \"",
+        "evil",
+        &"e".repeat(255),
+    ];
+    for (i, raw) in hostile.iter().enumerate() {
+        let key = IdempotencyKey::parse_bytes(raw.as_bytes()).unwrap();
+        let scope = if i % 2 == 0 {
+            Scope::NONE
+        } else {
+            scope("evil-user")
+        };
+        let record = RecordKey::new(&scope, &key);
+        acquire(
+            &store,
+            &record,
+            OwnerToken::generate(),
+            &fp,
+            LEASE,
+            RETENTION,
+        )
+        .await
+        .unwrap();
+    }
+    let keys: Vec<String> = server.query(redis::cmd("KEYS").arg("*"));
+    assert_eq!(keys.len(), hostile.len());
+    for name in &keys {
+        let digest = name
+            .strip_prefix("idem:v1:{")
+            .and_then(|rest| rest.strip_suffix('}'))
+            .unwrap_or_else(|| panic!("unexpected key name {name}"));
+        assert_eq!(digest.len(), 64, "{name}");
+        assert!(
+            digest
+                .bytes()
+                .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')),
+            "{name}"
+        );
+        assert!(!name.contains("evil"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_fails_fast_and_the_same_store_recovers() {
+    let mut server = RedisServer::start();
+    let store = connect(&server).await;
+    let fp = print("a");
+    let budget = Duration::from_secs(1); // the response timeout is 300 ms
+
+    acquire(
+        &store,
+        &key("before"),
+        OwnerToken::generate(),
+        &fp,
+        LEASE,
+        RETENTION,
+    )
+    .await
+    .unwrap();
+    server.kill();
+    for attempt in 0..3 {
+        let started = Instant::now();
+        let down = key("down");
+        let answer = acquire(&store, &down, OwnerToken::generate(), &fp, LEASE, RETENTION).await;
+        let took = started.elapsed();
+        assert!(
+            matches!(
+                answer,
+                Err(StoreError::Timeout | StoreError::Unavailable(_))
+            ),
+            "attempt {attempt}: {answer:?}"
+        );
+        assert!(took < budget, "attempt {attempt} took {took:?}");
+    }
+
+    server.restart();
+    let restarted = Instant::now();
+    loop {
+        match acquire(
+            &store,
+            &key("after"),
+            OwnerToken::generate(),
+            &fp,
+            LEASE,
+            RETENTION,
+        )
+        .await
+        {
+            Ok(acquired) => {
+                assert!(matches!(acquired, Acquired::Execute { epoch: 1 }));
+                break;
+            }
+            Err(error) => assert!(
+                restarted.elapsed() < Duration::from_secs(5),
+                "not recovered after 5 s: {error}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The restarted Redis is empty: the scripts were reloaded on demand.
+    let owner = OwnerToken::generate();
+    let k = key("after-restart");
+    acquire(&store, &k, owner, &fp, LEASE, RETENTION)
+        .await
+        .unwrap();
+    assert!(
+        store
+            .complete(&k, owner, response("x"), RETENTION)
+            .await
+            .unwrap()
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// The tiered store in front of Redis
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cached_records_never_outlive_their_redis_record() {
+    let server = RedisServer::start();
+    let tiered = TieredStore::new(connect(&server).await);
+    let fp = print("a");
+
+    // A record expiring in Redis before the cache's cap: the cache lets go no later.
+    let k = key("short");
+    let owner = OwnerToken::generate();
+    acquire(&tiered, &k, owner, &fp, LEASE, RETENTION)
+        .await
+        .unwrap();
+    let ttl = Duration::from_millis(300);
+    assert!(
+        tiered
+            .complete(&k, owner, response("x"), ttl)
+            .await
+            .unwrap()
+    );
+    assert_eq!(tiered.stats().entries, 1);
+    let redis_left = pttl(&server, &k);
+    match acquire(&tiered, &k, OwnerToken::generate(), &fp, LEASE, RETENTION).await {
+        Ok(Acquired::Completed { ttl_left, .. }) => {
+            let redis_left = Duration::from_millis(u64::try_from(redis_left).unwrap() + 1);
+            assert!(
+                ttl_left <= redis_left,
+                "cache {ttl_left:?} > Redis {redis_left:?}"
+            );
+        }
+        other => panic!("expected a cached replay, got {other:?}"),
+    }
+    assert_eq!(tiered.stats().hits, 1);
+    // Watch the Redis record go, then ask the cache at once: it must have let go too.
+    loop {
+        let exists: bool = server.query(redis::cmd("EXISTS").arg(RedisStore::key_name(&k)));
+        if !exists {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let after = acquire(&tiered, &k, OwnerToken::generate(), &fp, LEASE, RETENTION).await;
+    assert!(
+        matches!(after, Ok(Acquired::Execute { epoch: 1 })),
+        "{after:?}"
+    );
+
+    // A long-lived record is cached for the cap at most, so an operator's purge propagates.
+    let capped = TieredStore::with_config(
+        connect(&server).await,
+        TieredConfig::new().max_entry_ttl(Duration::from_millis(200)),
+    );
+    let k = key("purged");
+    let owner = OwnerToken::generate();
+    acquire(&capped, &k, owner, &fp, LEASE, RETENTION)
+        .await
+        .unwrap();
+    let day = Duration::from_secs(86_400);
+    assert!(
+        capped
+            .complete(&k, owner, response("x"), day)
+            .await
+            .unwrap()
+    );
+    let _: i64 = server.query(redis::cmd("DEL").arg(RedisStore::key_name(&k)));
+    let cached = acquire(&capped, &k, OwnerToken::generate(), &fp, LEASE, RETENTION).await;
+    assert!(
+        matches!(cached, Ok(Acquired::Completed { .. })),
+        "still cached"
+    );
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    let purged = acquire(&capped, &k, OwnerToken::generate(), &fp, LEASE, RETENTION).await;
+    assert!(
+        matches!(purged, Ok(Acquired::Execute { epoch: 1 })),
+        "{purged:?}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Two app instances sharing one Redis, through real routers
+
+/// The principal, from an `x-user` header (a stand-in for real authentication).
+struct User(String);
+
+impl<S: Send + Sync> FromRequestParts<S> for User {
+    type Rejection = StatusCode;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, StatusCode> {
+        parts
+            .headers
+            .get("x-user")
+            .and_then(|value| value.to_str().ok())
+            .map(|user| User(user.to_owned()))
+            .ok_or(StatusCode::UNAUTHORIZED)
+    }
+}
+
+/// One app instance's view of the shared test state.
+struct Instance {
+    name: &'static str,
+    /// Runs per (user, key), shared by both instances.
+    runs: Arc<Mutex<HashMap<(String, String), usize>>>,
+    /// Executions started on this instance.
+    started: AtomicUsize,
+    /// Handlers whose body starts with `hold` wait for a permit here.
+    gate: tokio::sync::Semaphore,
+}
+
+impl Instance {
+    fn runs(&self, user: &str, key: &str) -> usize {
+        let runs = self.runs.lock().unwrap();
+        runs.get(&(user.to_owned(), key.to_owned()))
+            .copied()
+            .unwrap_or(0)
+    }
+}
+
+#[idempotent(required = true, scope = user)]
+async fn charge(
+    User(user): User,
+    State(instance): State<Arc<Instance>>,
+    context: IdempotencyContext,
+    body: String,
+) -> (StatusCode, String) {
+    let key = context.key().unwrap_or_default().to_owned();
+    let run = {
+        let mut runs = instance.runs.lock().unwrap();
+        let count = runs.entry((user.clone(), key.clone())).or_default();
+        *count += 1;
+        *count
+    };
+    instance.started.fetch_add(1, Ordering::SeqCst);
+    if body.starts_with("hold") {
+        instance.gate.acquire().await.unwrap().forget();
+    }
+    if body.starts_with("storm") {
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    let epoch = context.epoch().unwrap_or(0);
+    let text = format!("{user} {body} by {} run {run} epoch {epoch}", instance.name);
+    (StatusCode::CREATED, text)
+}
+
+#[derive(Clone)]
+struct App {
+    idem: Idempotency,
+    router: Router,
+    instance: Arc<Instance>,
+    store: Arc<TieredStore<RedisStore>>,
+}
+
+const APP_LEASE: Duration = Duration::from_millis(300);
+
+async fn app(
+    server: &RedisServer,
+    name: &'static str,
+    runs: &Arc<Mutex<HashMap<(String, String), usize>>>,
+    max_run_time: Duration,
+) -> App {
+    let store = Arc::new(TieredStore::new(connect(server).await));
+    let idem = Idempotency::builder()
+        .shared_store(Arc::clone(&store) as Arc<dyn Store>)
+        .lease(APP_LEASE)
+        .max_run_time(max_run_time)
+        .build();
+    let instance = Arc::new(Instance {
+        name,
+        runs: Arc::clone(runs),
+        started: AtomicUsize::new(0),
+        gate: tokio::sync::Semaphore::new(0),
+    });
+    let router = Router::new()
+        .route("/charge", post(charge))
+        .layer(idem.layer())
+        .with_state(Arc::clone(&instance));
+    App {
+        idem,
+        router,
+        instance,
+        store,
+    }
+}
+
+struct Reply {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: String,
+}
+
+impl Reply {
+    fn replayed(&self) -> bool {
+        self.headers.get("idempotent-replayed").is_some()
+    }
+}
+
+async fn send(app: &App, user: &str, key: &str, body: &str) -> Reply {
+    let request = Request::post("/charge")
+        .header("x-user", user)
+        .header("idempotency-key", key)
+        .body(Body::from(body.to_owned()))
+        .unwrap();
+    let response = app.router.clone().oneshot(request).await.unwrap();
+    let (parts, body) = response.into_parts();
+    let body = body.collect().await.unwrap().to_bytes();
+    Reply {
+        status: parts.status,
+        headers: parts.headers,
+        body: String::from_utf8(body.to_vec()).unwrap(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_behave_as_one() {
+    let server = RedisServer::start();
+    let runs = Arc::default();
+    // Instance `a` stops renewing leases after 150 ms, so a handler it holds longer loses its
+    // lease (an app paused past its lease).
+    let a = app(&server, "a", &runs, Duration::from_millis(150)).await;
+    let b = app(&server, "b", &runs, Duration::from_secs(60)).await;
+    b.instance.gate.add_permits(1_000);
+
+    replay_and_mismatch_across_instances(&a, &b).await;
+    in_flight_across_instances(&a, &b).await;
+    scopes_are_isolated_across_instances(&a, &b).await;
+    a_storm_of_duplicates_runs_each_key_once(&a, &b).await;
+    an_expired_lease_is_taken_over_by_the_other_instance(&a, &b).await;
+
+    a.idem.shutdown().await;
+    b.idem.shutdown().await;
+}
+
+async fn replay_and_mismatch_across_instances(a: &App, b: &App) {
+    let first = send(a, "alice", "k1", "pay 10").await;
+    assert_eq!(first.status, StatusCode::CREATED);
+    assert!(!first.replayed());
+    assert_eq!(first.body, "alice pay 10 by a run 1 epoch 1");
+    let again = send(b, "alice", "k1", "pay 10").await;
+    assert_eq!(again.status, StatusCode::CREATED);
+    assert!(again.replayed());
+    assert_eq!(again.body, first.body);
+    assert_eq!(a.instance.runs("alice", "k1"), 1);
+
+    let reused = send(b, "alice", "k1", "pay 99").await;
+    assert_eq!(reused.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(
+        reused.body.contains("idempotency-key-reused"),
+        "{}",
+        reused.body
+    );
+    assert_eq!(a.instance.runs("alice", "k1"), 1);
+}
+
+async fn in_flight_across_instances(a: &App, b: &App) {
+    let started = a.instance.started.load(Ordering::SeqCst);
+    let held = spawn_send(a, "alice", "k2", "hold 1");
+    wait_until(|| a.instance.started.load(Ordering::SeqCst) > started).await;
+    let busy = send(b, "alice", "k2", "hold 1").await;
+    assert_eq!(busy.status, StatusCode::CONFLICT);
+    assert!(busy.headers.contains_key(http::header::RETRY_AFTER));
+    assert!(busy.body.contains("request-in-progress"), "{}", busy.body);
+    a.instance.gate.add_permits(1);
+    assert_eq!(held.await.unwrap().status, StatusCode::CREATED);
+    let done = send(b, "alice", "k2", "hold 1").await;
+    assert!(done.replayed());
+    assert_eq!(done.body, "alice hold 1 by a run 1 epoch 1");
+}
+
+async fn scopes_are_isolated_across_instances(a: &App, b: &App) {
+    // The same key and request from another principal is another record.
+    let bob = send(b, "bob", "k1", "pay 10").await;
+    assert_eq!(bob.status, StatusCode::CREATED);
+    assert!(!bob.replayed());
+    assert_eq!(bob.body, "bob pay 10 by b run 1 epoch 1");
+    assert_eq!(send(a, "bob", "k1", "pay 10").await.body, bob.body);
+    let alice = send(a, "alice", "k1", "pay 10").await;
+    assert_eq!(alice.body, "alice pay 10 by a run 1 epoch 1");
+}
+
+async fn a_storm_of_duplicates_runs_each_key_once(a: &App, b: &App) {
+    const KEYS: usize = 12;
+    const COPIES: usize = 8;
+    let mut storm = Vec::new();
+    for copy in 0..COPIES {
+        for key in 0..KEYS {
+            let app = if (copy + key) % 2 == 0 { a } else { b };
+            storm.push((
+                key,
+                spawn_send(app, "carol", &format!("s{key}"), &format!("storm {key}")),
+            ));
+        }
+    }
+    for (key, task) in storm {
+        let status = task.await.unwrap().status;
+        assert!(
+            status == StatusCode::CREATED || status == StatusCode::CONFLICT,
+            "key {key}: {status}"
+        );
+    }
+    for key in 0..KEYS {
+        let name = format!("s{key}");
+        assert_eq!(a.instance.runs("carol", &name), 1, "key {name}");
+        let from_a = send(a, "carol", &name, &format!("storm {key}")).await;
+        let from_b = send(b, "carol", &name, &format!("storm {key}")).await;
+        assert!(from_a.replayed() && from_b.replayed());
+        assert_eq!(from_a.body, from_b.body);
+    }
+}
+
+/// `a` holds its handler past its lease; `b` takes over with epoch 2, and the late result of `a`
+/// is not recorded.
+async fn an_expired_lease_is_taken_over_by_the_other_instance(a: &App, b: &App) {
+    let started = a.instance.started.load(Ordering::SeqCst);
+    let held = spawn_send(a, "dave", "k3", "hold 2");
+    wait_until(|| a.instance.started.load(Ordering::SeqCst) > started).await;
+    let busy = send(b, "dave", "k3", "hold 2").await;
+    assert_eq!(busy.status, StatusCode::CONFLICT);
+    let since = Instant::now();
+    let winner = loop {
+        let attempt = send(b, "dave", "k3", "hold 2").await;
+        if attempt.status != StatusCode::CONFLICT {
+            break attempt;
+        }
+        assert!(since.elapsed() < Duration::from_secs(3), "never taken over");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    };
+    assert_eq!(winner.status, StatusCode::CREATED);
+    assert_eq!(winner.body, "dave hold 2 by b run 2 epoch 2");
+    a.instance.gate.add_permits(1);
+    // The paused attempt's own client still gets its response…
+    assert_eq!(held.await.unwrap().body, "dave hold 2 by a run 1 epoch 1");
+    // …but every replay serves the winner.
+    for app in [a, b] {
+        let again = send(app, "dave", "k3", "hold 2").await;
+        assert!(again.replayed());
+        assert_eq!(again.body, winner.body);
+    }
+}
+
+fn spawn_send(app: &App, user: &str, key: &str, body: &str) -> tokio::task::JoinHandle<Reply> {
+    let (app, user, key, body) = (
+        app.clone(),
+        user.to_owned(),
+        key.to_owned(),
+        body.to_owned(),
+    );
+    tokio::spawn(async move { send(&app, &user, &key, &body).await })
+}
+
+async fn wait_until(condition: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !condition() {
+        assert!(Instant::now() < deadline, "condition never met");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn round_trips_are_at_the_floor() {
+    let server = RedisServer::start();
+    let runs = Arc::default();
+    let a = app(&server, "a", &runs, Duration::from_secs(60)).await;
+    let b = app(&server, "b", &runs, Duration::from_secs(60)).await;
+
+    let before = calls(&server);
+    let first = send(&a, "alice", "rt", "pay 1").await;
+    assert_eq!(first.status, StatusCode::CREATED);
+    let after_first = calls(&server);
+    assert_eq!(
+        after_first.0 - before.0,
+        2,
+        "first execution: acquire + complete"
+    );
+    assert_eq!(after_first.1 - before.1, 2, "and no other command");
+
+    let cached = send(&a, "alice", "rt", "pay 1").await;
+    assert!(cached.replayed());
+    let after_cached = calls(&server);
+    assert_eq!(after_cached, after_first, "replay from moka: no round trip");
+
+    let remote = send(&b, "alice", "rt", "pay 1").await;
+    assert!(remote.replayed());
+    assert_eq!(remote.body, first.body);
+    let after_remote = calls(&server);
+    assert_eq!(
+        after_remote.0 - after_cached.0,
+        1,
+        "replay from Redis: one acquire"
+    );
+    assert_eq!(after_remote.1 - after_cached.1, 1, "and no other command");
+
+    let again = send(&b, "alice", "rt", "pay 1").await;
+    assert!(again.replayed());
+    assert_eq!(calls(&server), after_remote, "now cached on b too");
+
+    // The same with an emptied cache on `a`.
+    a.store.clear_cache();
+    assert!(send(&a, "alice", "rt", "pay 1").await.replayed());
+    assert_eq!(calls(&server).0 - after_remote.0, 1);
+    assert_eq!(a.store.stats().entries, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_is_a_503_without_running_the_handler_then_recovers() {
+    let mut server = RedisServer::start();
+    let runs = Arc::default();
+    let a = app(&server, "a", &runs, Duration::from_secs(60)).await;
+    server.kill();
+    let started = Instant::now();
+    let down = send(&a, "alice", "k", "pay 1").await;
+    assert_eq!(down.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(down.body.contains("store-unavailable"), "{}", down.body);
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(a.instance.runs("alice", "k"), 0);
+
+    server.restart();
+    let restarted = Instant::now();
+    let up = loop {
+        let reply = send(&a, "alice", "k", "pay 1").await;
+        if reply.status != StatusCode::SERVICE_UNAVAILABLE {
+            break reply;
+        }
+        assert!(
+            restarted.elapsed() < Duration::from_secs(5),
+            "not recovered"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(up.status, StatusCode::CREATED);
+    assert_eq!(a.instance.runs("alice", "k"), 1);
+    assert!(send(&a, "alice", "k", "pay 1").await.replayed());
+}
