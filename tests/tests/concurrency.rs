@@ -49,6 +49,22 @@ fn gated_app(idem: &Idempotency, ledger: &Ledger) -> Router {
         .layer(idem.layer())
 }
 
+/// Sends `request`, failing at once (rather than at the gate's timeout) if it starts another
+/// execution beyond the `runs` already counted by `ledger`; `why` says what that would mean.
+async fn send_expecting_no_run(
+    app: &Router,
+    request: http::Request<axum::body::Body>,
+    (ledger, runs): (&Ledger, usize),
+    why: &str,
+) -> Reply {
+    tokio::select! {
+        reply = send(app, request) => reply,
+        () = ledger.wait_started(runs + 1) => {
+            panic!("a duplicate ran beside the first attempt (execution {}): {why}", runs + 1)
+        }
+    }
+}
+
 fn spawn_send(set: &mut JoinSet<Reply>, app: &Router, request: http::Request<axum::body::Body>) {
     let app = app.clone();
     set.spawn(async move { send(&app, request).await });
@@ -329,7 +345,8 @@ async fn the_macro_ttl_argument_reaches_the_store() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_heartbeat_keeps_a_slow_handler_exclusive_past_its_lease() {
-    let lease = Duration::from_millis(150);
+    // Renewed every 100 ms, at 2/3 of the lease: 100 ms of slack for a loaded machine.
+    let lease = Duration::from_millis(300);
     let idem = Idempotency::builder().lease(lease).build();
     let ledger = Ledger::gated();
     let app = gated_app(&idem, &ledger);
@@ -341,7 +358,13 @@ async fn the_heartbeat_keeps_a_slow_handler_exclusive_past_its_lease() {
     let started = std::time::Instant::now();
     while started.elapsed() < lease * 4 {
         tokio::time::sleep(lease / 2).await;
-        let duplicate = send(&app, keyed("POST", "/slow", "hb", "x")).await;
+        let duplicate = send_expecting_no_run(
+            &app,
+            keyed("POST", "/slow", "hb", "x"),
+            (&ledger, 1),
+            "the lease lapsed although the heartbeat should renew it",
+        )
+        .await;
         duplicate.assert_problem(409, "request-in-progress");
     }
     assert_eq!(ledger.runs(), 1, "the slow handler was duplicated");
@@ -668,12 +691,13 @@ async fn a_full_memory_store_never_drops_an_in_flight_record() {
         replay_all().await;
     }
 
-    let duplicate = tokio::select! {
-        reply = send(&app, keyed("POST", "/sized", "new-key", "10")) => reply,
-        () = ledger.wait_started(2) => panic!(
-            "a duplicate ran beside the first attempt: the full MemoryStore dropped the in-flight record"
-        ),
-    };
+    let duplicate = send_expecting_no_run(
+        &app,
+        keyed("POST", "/sized", "new-key", "10"),
+        (&ledger, 1),
+        "the full MemoryStore dropped (or never admitted) the in-flight record",
+    )
+    .await;
     duplicate.assert_problem(409, "request-in-progress");
 
     ledger.open();

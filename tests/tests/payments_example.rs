@@ -371,15 +371,21 @@ async fn payments_binary() -> std::path::PathBuf {
     let workspace = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("the workspace root");
+    // The same target directory as this test, whatever `--target-dir` the caller gave.
+    let target_dir = profile_dir.parent().expect("target/<profile>");
     let mut build = tokio::process::Command::new(cargo);
-    build.current_dir(workspace).args([
-        "build",
-        "--quiet",
-        "-p",
-        "idem-examples",
-        "--bin",
-        "payments",
-    ]);
+    build
+        .current_dir(workspace)
+        .args([
+            "build",
+            "--quiet",
+            "-p",
+            "idem-examples",
+            "--bin",
+            "payments",
+        ])
+        .arg("--target-dir")
+        .arg(target_dir);
     if profile_dir
         .file_name()
         .is_some_and(|name| name == "release")
