@@ -713,3 +713,37 @@ async fn a_full_memory_store_never_drops_an_in_flight_record() {
     );
     assert_eq!(ledger.runs(), 1);
 }
+
+#[tokio::test]
+async fn every_409_problem_carries_retry_after() {
+    // The problem contract: `Retry-After` on 409 and 503, whichever the cause (503: see
+    // `wire.rs`).
+    let idem = Idempotency::builder().max_response_bytes(1024).build();
+    let ledger = Ledger::gated();
+    let app = Router::new()
+        .route("/large", post(large))
+        .route("/slow", post(slow))
+        .with_state(ledger.clone())
+        .layer(idem.layer());
+
+    let mut first = JoinSet::new();
+    spawn_send(&mut first, &app, keyed("POST", "/slow", "busy", "x"));
+    ledger.wait_started(1).await;
+    let in_progress = send(&app, keyed("POST", "/slow", "busy", "x")).await;
+    in_progress.assert_problem(409, "request-in-progress");
+    assert!(in_progress.retry_after() >= 1);
+    ledger.open();
+    within("the first", first.join_next())
+        .await
+        .unwrap()
+        .unwrap();
+
+    send(&app, keyed("POST", "/large", "big", "x")).await;
+    let unavailable = send(&app, keyed("POST", "/large", "big", "x")).await;
+    unavailable.assert_problem(409, "result-unavailable");
+    assert!(
+        unavailable.header(header::RETRY_AFTER).is_some(),
+        "409 result-unavailable has no Retry-After"
+    );
+    assert!(unavailable.retry_after() >= 1);
+}
