@@ -253,6 +253,9 @@ impl RedisCluster {
             "nodes.conf",
             "--cluster-node-timeout",
             "2000",
+            // A master down takes only its own slots offline.
+            "--cluster-require-full-coverage",
+            "no",
         ];
         let nodes: Vec<_> = (0..3)
             .map(|_| RedisServer::start_with(&args, true))
@@ -275,22 +278,18 @@ impl RedisCluster {
             String::from_utf8_lossy(&output.stderr)
         );
         let cluster = Self { nodes };
-        let deadline = Instant::now() + START_TIMEOUT;
-        while !cluster.is_ok() {
-            assert!(
-                Instant::now() < deadline,
-                "the cluster never reached cluster_state:ok"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        cluster.wait_ok();
         cluster
     }
 
     fn is_ok(&self) -> bool {
-        self.nodes.iter().all(|node| {
-            let info = node.try_query::<String>(redis::cmd("CLUSTER").arg("INFO"));
-            info.is_ok_and(|info| info.contains("cluster_state:ok"))
-        })
+        self.nodes
+            .iter()
+            .filter(|node| node.is_running())
+            .all(|node| {
+                let info = node.try_query::<String>(redis::cmd("CLUSTER").arg("INFO"));
+                info.is_ok_and(|info| info.contains("cluster_state:ok"))
+            })
     }
 
     /// The nodes' URLs, to seed a cluster client.
@@ -303,10 +302,32 @@ impl RedisCluster {
         &self.nodes
     }
 
-    /// Calls per command summed over every node (see [`RedisServer::command_calls`]).
+    /// One master, to kill or restart. A restarted master comes back empty on the same port with
+    /// its cluster identity (`nodes.conf`) and slots.
+    pub fn node_mut(&mut self, index: usize) -> &mut RedisServer {
+        &mut self.nodes[index]
+    }
+
+    /// Waits until every running node reports `cluster_state:ok`.
+    ///
+    /// # Panics
+    ///
+    /// If that takes longer than ten seconds.
+    pub fn wait_ok(&self) {
+        let deadline = Instant::now() + START_TIMEOUT;
+        while !self.is_ok() {
+            assert!(
+                Instant::now() < deadline,
+                "the cluster never reached cluster_state:ok"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Calls per command summed over every running node (see [`RedisServer::command_calls`]).
     pub fn command_calls(&self) -> HashMap<String, u64> {
         let mut total = HashMap::new();
-        for node in &self.nodes {
+        for node in self.nodes.iter().filter(|node| node.is_running()) {
             for (command, calls) in node.command_calls() {
                 *total.entry(command).or_default() += calls;
             }
