@@ -3,9 +3,11 @@
 //! * `key/*`: parsing an `Idempotency-Key` header value (bare UUID, quoted sf-string);
 //! * `fingerprint/*`: fingerprinting a 1 KiB and a 64 KiB body, and deriving a record key;
 //! * `record/*`: encoding and decoding a recorded response (what Redis stores);
-//! * `store/*`: an acquire that finds a completed record (the replay lookup) in the embedded store;
+//! * `store/*`: an acquire that finds a completed record (the replay lookup) in the embedded store,
+//!   and a `TieredStore` moka hit;
 //! * `router/*`: a whole request through an axum `Router` with `tower::ServiceExt::oneshot` (no
-//!   network): the bare route, and a replay served from the local store.
+//!   network): the bare route, a replay served from the embedded store and from a `TieredStore`'s
+//!   moka cache, and a first execution on the embedded store.
 //!
 //! Figures and what they mean: docs/BENCHMARKS.md.
 
@@ -22,7 +24,7 @@ use http::{HeaderName, HeaderValue, Method, Request, StatusCode, header};
 use idem_runtime::fingerprint::{Fingerprint, RecordKey, Scope};
 use idem_runtime::key::IdempotencyKey;
 use idem_runtime::record::{RecordedResult, StoredResponse};
-use idem_runtime::store::{AcquireRequest, Acquired, MemoryStore, OwnerToken, Store};
+use idem_runtime::store::{AcquireRequest, Acquired, MemoryStore, OwnerToken, Store, TieredStore};
 use idem_runtime::{Idempotency, idempotent};
 use tower::ServiceExt as _;
 
@@ -119,7 +121,12 @@ fn stores(c: &mut Criterion) {
         let owner = OwnerToken::generate();
         store.acquire(request(owner)).await.expect("acquire");
         store
-            .complete(&key, owner, Arc::new(sample_result()), Duration::from_secs(3600))
+            .complete(
+                &key,
+                owner,
+                Arc::new(sample_result()),
+                Duration::from_secs(3600),
+            )
             .await
             .expect("complete");
     });
@@ -129,6 +136,34 @@ fn stores(c: &mut Criterion) {
             assert!(matches!(acquired, Ok(Acquired::Completed { .. })));
         });
     });
+
+    // The moka hit of a TieredStore: a completed record answered from process memory (the inner
+    // store, here a MemoryStore standing in for Redis, is not asked).
+    let tiered = TieredStore::new(MemoryStore::default());
+    runtime.block_on(async {
+        let owner = OwnerToken::generate();
+        tiered.acquire(request(owner)).await.expect("acquire");
+        tiered
+            .complete(
+                &key,
+                owner,
+                Arc::new(sample_result()),
+                Duration::from_secs(3600),
+            )
+            .await
+            .expect("complete");
+    });
+    group.bench_function("tiered_moka_hit", |b| {
+        b.to_async(&runtime).iter(|| async {
+            let acquired = tiered.acquire(request(OwnerToken::generate())).await;
+            assert!(matches!(acquired, Ok(Acquired::Completed { .. })));
+        });
+    });
+    assert_eq!(
+        tiered.stats().misses,
+        1,
+        "every benchmarked acquire was a hit"
+    );
     group.finish();
 }
 
@@ -164,6 +199,15 @@ fn router(c: &mut Criterion) {
         .layer(idem.layer());
     let first = runtime.block_on(app.clone().oneshot(request("/idem", Some(UUID))));
     assert_eq!(first.expect("infallible").status(), StatusCode::OK);
+    // The production layout: moka in front of a shared store (a MemoryStore standing in for Redis).
+    let tiered = Idempotency::builder()
+        .store(TieredStore::new(MemoryStore::default()))
+        .build();
+    let tiered_app = Router::new()
+        .route("/idem", post(idempotent_echo))
+        .layer(tiered.layer());
+    let first = runtime.block_on(tiered_app.clone().oneshot(request("/idem", Some(UUID))));
+    assert_eq!(first.expect("infallible").status(), StatusCode::OK);
 
     group.bench_function("bare_oneshot", |b| {
         b.to_async(&runtime).iter_batched(
@@ -182,6 +226,32 @@ fn router(c: &mut Criterion) {
             |(app, request)| async move {
                 let response = app.oneshot(request).await.expect("infallible");
                 assert!(response.headers().contains_key("idempotent-replayed"));
+                http_body_util::BodyExt::collect(response.into_body()).await
+            },
+            BatchSize::SmallInput,
+        );
+    });
+    group.bench_function("replay_from_tiered_moka_oneshot", |b| {
+        b.to_async(&runtime).iter_batched(
+            || (tiered_app.clone(), request("/idem", Some(UUID))),
+            |(app, request)| async move {
+                let response = app.oneshot(request).await.expect("infallible");
+                assert!(response.headers().contains_key("idempotent-replayed"));
+                http_body_util::BodyExt::collect(response.into_body()).await
+            },
+            BatchSize::SmallInput,
+        );
+    });
+    let mut n = 0_u64;
+    group.bench_function("first_execution_memory_oneshot", |b| {
+        b.to_async(&runtime).iter_batched(
+            || {
+                n += 1;
+                (app.clone(), request("/idem", Some(&format!("first-{n}"))))
+            },
+            |(app, request)| async move {
+                let response = app.oneshot(request).await.expect("infallible");
+                assert!(!response.headers().contains_key("idempotent-replayed"));
                 http_body_util::BodyExt::collect(response.into_body()).await
             },
             BatchSize::SmallInput,
