@@ -405,39 +405,78 @@ async fn payments_binary() -> std::path::PathBuf {
     binary
 }
 
+/// A running `payments` process.
+struct PaymentsProcess {
+    child: tokio::process::Child,
+    addr: std::net::SocketAddr,
+}
+
+impl PaymentsProcess {
+    /// Starts the binary on an ephemeral port with the embedded store and `env`, and waits for its
+    /// `listening on http://ADDR` line.
+    async fn start(env: &[(&str, &str)]) -> Self {
+        let binary = payments_binary().await;
+        let mut command = tokio::process::Command::new(&binary);
+        command
+            .env("IDEM_LISTEN", "127.0.0.1:0")
+            .env_remove("REDIS_URL")
+            .env_remove("PAYMENTS_PROCESSING_MS")
+            .env_remove("IDEM_LEASE_MS")
+            .envs(env.iter().copied())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true);
+        let mut child = command.spawn().expect("start payments");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let mut lines = tokio::io::BufReader::new(stdout).lines();
+        let line = within("the `listening on` line", lines.next_line())
+            .await
+            .expect("read stdout")
+            .expect("payments printed nothing and exited");
+        let addr: std::net::SocketAddr = line
+            .strip_prefix("listening on http://")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .parse()
+            .expect("a socket address");
+        assert_ne!(addr.port(), 0, "the real bound port is printed");
+        Self { child, addr }
+    }
+
+    /// Sends SIGTERM.
+    fn terminate(&self) {
+        let pid = self.child.id().expect("the child is running").to_string();
+        let kill = std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("run kill");
+        assert!(kill.success());
+    }
+
+    /// Waits for the process to exit and asserts it exited cleanly.
+    async fn assert_clean_exit(mut self) {
+        let status = within("payments to exit after SIGTERM", self.child.wait())
+            .await
+            .expect("wait for payments");
+        assert!(
+            status.success(),
+            "payments exited with {status} after SIGTERM"
+        );
+    }
+}
+
+const ANN_PAYS: [(&str, &str); 2] = [
+    ("authorization", "Bearer ann"),
+    ("content-type", "application/json"),
+];
+
 #[cfg(unix)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_payments_binary_serves_the_contract_and_stops_on_sigterm() {
-    let binary = payments_binary().await;
-    let mut child = tokio::process::Command::new(&binary)
-        .env("IDEM_LISTEN", "127.0.0.1:0")
-        .env_remove("REDIS_URL")
-        .env_remove("PAYMENTS_PROCESSING_MS")
-        .env_remove("IDEM_LEASE_MS")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start payments");
-    let stdout = child.stdout.take().expect("piped stdout");
-    let mut lines = tokio::io::BufReader::new(stdout).lines();
-    let line = within("the `listening on` line", lines.next_line())
-        .await
-        .expect("read stdout")
-        .expect("payments printed nothing and exited");
-    let addr: std::net::SocketAddr = line
-        .strip_prefix("listening on http://")
-        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-        .parse()
-        .expect("a socket address");
-    assert_ne!(addr.port(), 0, "the real bound port is printed");
-
+    let payments = PaymentsProcess::start(&[]).await;
+    let addr = payments.addr;
     let body = br#"{"amount": 42, "currency": "EUR"}"#;
-    let headers = [
-        ("authorization", "Bearer ann"),
-        ("content-type", "application/json"),
-        (IDEMPOTENCY_KEY, "bin-1"),
-    ];
+    let [auth, json] = ANN_PAYS;
+    let headers = [auth, json, (IDEMPOTENCY_KEY, "bin-1")];
     let request = http1_request("POST", "/payments", &headers, body);
     let created = raw_exchange(addr, &request).await;
     assert_eq!(created.status, StatusCode::CREATED, "{created:?}");
@@ -450,27 +489,56 @@ async fn the_payments_binary_serves_the_contract_and_stops_on_sigterm() {
     assert_eq!(replay.status, StatusCode::CREATED);
     assert!(replay.replayed());
     assert_eq!(replay.body, created.body);
-    let missing = raw_exchange(
-        addr,
-        &http1_request("POST", "/payments", &headers[..2], body),
-    )
-    .await;
+    let missing = raw_exchange(addr, &http1_request("POST", "/payments", &ANN_PAYS, body)).await;
     missing.assert_problem(400, "idempotency-key-missing");
-    let list = raw_exchange(addr, &http1_request("GET", "/payments", &headers[..1], b"")).await;
+    let unauthenticated =
+        raw_exchange(addr, &http1_request("POST", "/payments", &[json], body)).await;
+    assert_eq!(unauthenticated.status, StatusCode::UNAUTHORIZED);
+    let list = raw_exchange(addr, &http1_request("GET", "/payments", &[auth], b"")).await;
     assert_eq!(list.status, StatusCode::OK);
     assert_eq!(list.json().as_array().map(Vec::len), Some(1));
+    let one = raw_exchange(
+        addr,
+        &http1_request("GET", &format!("/payments/{id}"), &[auth], b""),
+    )
+    .await;
+    assert_eq!(one.json(), created.json());
 
-    let pid = child.id().expect("the child is running").to_string();
-    let kill = std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .expect("run kill");
-    assert!(kill.success());
-    let status = within("payments to exit after SIGTERM", child.wait())
-        .await
-        .expect("wait for payments");
+    payments.terminate();
+    payments.assert_clean_exit().await;
+}
+
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_sigterm_the_binary_lets_a_running_payment_finish() {
+    // The client of a slow payment goes away, then the process is told to stop: it must not exit
+    // before the handler finished (and recorded), however the connection ended.
+    const PROCESSING: Duration = Duration::from_millis(2000);
+    let payments = PaymentsProcess::start(&[("PAYMENTS_PROCESSING_MS", "2000")]).await;
+    let addr = payments.addr;
+    let body = br#"{"amount": 5, "currency": "EUR"}"#;
+    let [auth, json] = ANN_PAYS;
+    let request = http1_request(
+        "POST",
+        "/payments",
+        &[auth, json, (IDEMPOTENCY_KEY, "drain")],
+        body,
+    );
+    let started = std::time::Instant::now();
+    let client = idem_tests::support::connect_and_write(addr, &request).await;
+    // Let the server take that request first (a duplicate sent too early could become the first).
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Proof that the payment is being processed: a duplicate is told it is in progress.
+    let in_progress = raw_exchange(addr, &request).await;
+    in_progress.assert_problem(409, "request-in-progress");
+    drop(client);
+    payments.terminate();
+    payments.assert_clean_exit().await;
+    // The payment started after `started` and takes PROCESSING: a process that drains its running
+    // handlers cannot have exited sooner.
+    let exited = started.elapsed();
     assert!(
-        status.success(),
-        "payments exited with {status} after SIGTERM"
+        exited >= PROCESSING,
+        "payments exited {exited:?} after the request, before its {PROCESSING:?} payment finished"
     );
 }
