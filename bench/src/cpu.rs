@@ -66,6 +66,42 @@ impl Sample {
     }
 }
 
+impl Usage {
+    /// The share of the machine (0.0 to 1.0) other processes used.
+    pub(crate) fn other_share(&self) -> f64 {
+        self.other.as_secs_f64() / self.capacity.as_secs_f64().max(1e-9)
+    }
+}
+
+/// Waits (at most `limit`) until the machine, idle on our side, is busy less than `max_percent`
+/// over one second: other processes have stopped taking the CPU.
+pub(crate) fn wait_quiet(max_percent: f64, limit: Duration) {
+    if max_percent >= 100.0 {
+        return;
+    }
+    let give_up = std::time::Instant::now() + limit;
+    let mut announced = false;
+    while std::time::Instant::now() < give_up {
+        let Some((busy, total)) = machine() else {
+            return;
+        };
+        std::thread::sleep(Duration::from_secs(1));
+        let Some((busy_after, total_after)) = machine() else {
+            return;
+        };
+        #[allow(clippy::cast_precision_loss)]
+        let percent = 100.0 * busy_after.saturating_sub(busy) as f64
+            / total_after.saturating_sub(total).max(1) as f64;
+        if percent < max_percent {
+            return;
+        }
+        if !announced {
+            eprintln!("    waiting for a quiet machine ({percent:.0}% busy)");
+            announced = true;
+        }
+    }
+}
+
 /// The calling thread's CPU time so far.
 pub(crate) fn this_thread() -> Duration {
     process_ticks("/proc/thread-self/stat").map_or(Duration::ZERO, ticks)
