@@ -79,13 +79,19 @@ const MAX_MILLIS: u64 = 1_000_000_000_000;
 ///
 /// Every transition has one budget, [`RedisConfig::response_timeout`] (default 1 s), covering
 /// reconnecting if needed, reloading a missing script and the command itself; past it the
-/// transition fails with [`StoreError::Timeout`], and a refused or broken connection fails with
-/// [`StoreError::Unavailable`]. The runtime answers both with `503 store-unavailable` (or runs the
-/// handler unprotected when configured to fail open). The connection reconnects by itself in the
-/// background: when Redis comes back, the same store works again without restarting the service.
+/// transition fails with [`StoreError::Timeout`]. The runtime answers `503 store-unavailable`
+/// (or runs the handler unprotected when configured to fail open).
 ///
-/// A command that timed out may still have executed. Every script is safe to run again with the
-/// same owner token: acquiring twice returns the same epoch, completing twice reports success.
+/// While Redis is down, transitions fail fast rather than waiting out the budget: a refused
+/// connection is [`StoreError::Unavailable`] at once. The connection reconnects by itself: each
+/// failure starts a new connection attempt (at most one at a time, shared by concurrent
+/// requests), so the first request after Redis comes back succeeds, with the same store and
+/// without restarting the service. A transition whose connection broke under it (Redis restarted
+/// since the last command) is sent once more on the new connection, within the same budget.
+///
+/// That resend, like any command that timed out, may run a script twice. Every script is safe to
+/// run again with the same owner token: acquiring twice returns the same epoch, completing twice
+/// reports success, renewing or releasing twice changes nothing more.
 ///
 /// # Redis settings
 ///
@@ -100,9 +106,17 @@ const MAX_MILLIS: u64 = 1_000_000_000_000;
 ///   the last snapshot. Choose according to what a duplicate costs you.
 /// * **A dedicated database or ACL user.** Keep records apart from other data (a separate
 ///   instance, a separate database number on standalone Redis, or at least an ACL user limited to
-///   the key pattern), e.g. `ACL SETUSER idem on >secret ~idem:* +evalsha +eval +script|load
-///   +hmget +hget +hset +hdel +pexpire +pttl +time +ping`. Two services that share a database share
-///   the key space: a client reusing a key across them would get `422` from the second.
+///   the key pattern and the commands the store and its scripts use):
+///
+///   ```text
+///   ACL SETUSER idem on >secret resetkeys ~idem:* resetchannels -@all +evalsha +script|load
+///       +hmget +hget +hset +hdel +pexpire +pttl +time +ping
+///   ```
+///
+///   and connect as `redis://idem:secret@host:6379/`. On Redis 7.2 and later also allow
+///   `+client|setinfo` (the client announces its name when it connects); a cluster client also
+///   needs `+cluster|slots` (its topology queries). Two services that share a database share the key
+///   space: a client reusing a key across them would get `422` from the second.
 /// * **Version.** Redis 6.2 or later (7.x is tested); scripts use `TIME` before writing, which
 ///   needs script effects replication (the default since 5.0, the only mode since 7.0).
 ///
@@ -143,7 +157,6 @@ pub struct RedisStore<C = ConnectionManager> {
 pub struct RedisConfig {
     connect_timeout: Duration,
     response_timeout: Duration,
-    reconnect_max_delay: Duration,
 }
 
 impl RedisConfig {
@@ -151,15 +164,12 @@ impl RedisConfig {
     pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
     /// Default for [`RedisConfig::response_timeout`]: 1 second.
     pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(1);
-    /// Default for [`RedisConfig::reconnect_max_delay`]: 1 second.
-    pub const DEFAULT_RECONNECT_MAX_DELAY: Duration = Duration::from_secs(1);
 
     /// The defaults.
     pub const fn new() -> Self {
         Self {
             connect_timeout: Self::DEFAULT_CONNECT_TIMEOUT,
             response_timeout: Self::DEFAULT_RESPONSE_TIMEOUT,
-            reconnect_max_delay: Self::DEFAULT_RECONNECT_MAX_DELAY,
         }
     }
 
@@ -178,15 +188,6 @@ impl RedisConfig {
         self
     }
 
-    /// The longest pause between two reconnection attempts while Redis is unreachable (attempts
-    /// back off exponentially from 50 ms up to this). Bounds how long after Redis comes back the
-    /// store notices. Default: 1 s. Only used by the constructors that open the connection
-    /// themselves.
-    pub const fn reconnect_max_delay(mut self, delay: Duration) -> Self {
-        self.reconnect_max_delay = delay;
-        self
-    }
-
     /// The configured connect timeout.
     pub const fn get_connect_timeout(&self) -> Duration {
         self.connect_timeout
@@ -201,8 +202,9 @@ impl RedisConfig {
         ConnectionManagerConfig::new()
             .set_connection_timeout(Some(self.connect_timeout))
             .set_response_timeout(Some(self.response_timeout))
-            .set_min_delay(Duration::from_millis(50))
-            .set_max_delay(self.reconnect_max_delay)
+            // No retry loop inside a reconnection: while Redis is down a transition fails at once
+            // instead of waiting out its budget, and the next one tries again.
+            .set_number_of_retries(0)
     }
 }
 
@@ -309,14 +311,22 @@ where
         &self.config
     }
 
-    /// Runs one script call within the response budget.
+    /// Runs one script call within the response budget, sending it once more if the connection
+    /// broke under it (the scripts are safe to run twice).
     async fn invoke(&self, invocation: &ScriptInvocation<'_>) -> Result<Value, StoreError> {
         let mut connection = self.connection.clone();
-        within(
-            self.config.response_timeout,
-            invocation.invoke_async(&mut connection),
-        )
-        .await
+        let call = async move {
+            match invocation.invoke_async(&mut connection).await {
+                Err(error)
+                    if !error.is_timeout()
+                        && (error.is_connection_dropped() || error.is_io_error()) =>
+                {
+                    invocation.invoke_async(&mut connection).await
+                }
+                reply => reply,
+            }
+        };
+        within(self.config.response_timeout, call).await
     }
 }
 
