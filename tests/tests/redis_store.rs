@@ -534,6 +534,34 @@ async fn redis_down_fails_fast_and_the_same_store_recovers() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_redis_times_out_and_the_retried_call_converges() {
+    let server = RedisServer::start();
+    let store = connect(&server).await; // response timeout: 300 ms
+    let (k, fp, owner) = (key("k"), print("a"), OwnerToken::generate());
+    server.pause();
+    let started = Instant::now();
+    let answer = acquire(&store, &k, owner, &fp, LEASE, RETENTION).await;
+    let took = started.elapsed();
+    server.resume();
+    assert!(matches!(answer, Err(StoreError::Timeout)), "{answer:?}");
+    assert!(took < Duration::from_millis(600), "{took:?}");
+    // The timed-out command runs once Redis wakes up…
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while field(&server, &k, "owner").is_none() {
+        assert!(Instant::now() < deadline, "the timed-out acquire never ran");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // …and retrying it with the same owner converges instead of conflicting with itself.
+    let retried = acquire(&store, &k, owner, &fp, LEASE, RETENTION).await;
+    assert!(
+        matches!(retried, Ok(Acquired::Execute { epoch: 1 })),
+        "{retried:?}"
+    );
+    let other = acquire(&store, &k, OwnerToken::generate(), &fp, LEASE, RETENTION).await;
+    assert!(matches!(other, Ok(Acquired::InFlight { .. })), "{other:?}");
+}
+
 // ---------------------------------------------------------------------------------------------
 // The tiered store in front of Redis
 
