@@ -282,8 +282,10 @@ where
     /// A store over an existing connection: a [`ConnectionManager`] (reconnects by itself), a
     /// cluster connection, or any other async connection that is cheap to clone (each transition
     /// clones it). The connection's own timeouts stay as configured; `config`'s response timeout
-    /// bounds every transition on top of them. Scripts are loaded on first use; call
-    /// [`RedisStore::load_scripts`] to load them now.
+    /// bounds every transition on top of them (a [`ConnectionManager`] built with its default
+    /// reconnection retries makes transitions wait while Redis is down, up to that budget;
+    /// [`RedisStore::connect`] configures none, so they fail at once). Scripts are loaded on
+    /// first use; call [`RedisStore::load_scripts`] to load them now.
     pub fn from_connection(connection: C, config: RedisConfig) -> Self {
         Self { connection, config }
     }
