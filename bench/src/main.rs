@@ -262,6 +262,22 @@ impl Row {
         order[order.len() / 2]
     }
 
+    /// The median over rounds of this row's req/s divided by `bare`'s req/s in the same round:
+    /// each scenario is compared with the baseline measured minutes, not rounds, apart.
+    fn ratio_to(&self, bare: &Row) -> f64 {
+        let mut ratios: Vec<f64> = self
+            .runs
+            .iter()
+            .zip(&bare.runs)
+            .map(|(run, base)| run.outcome.rate() / base.outcome.rate().max(1e-9))
+            .collect();
+        if ratios.is_empty() {
+            return 0.0;
+        }
+        ratios.sort_by(f64::total_cmp);
+        ratios[ratios.len() / 2]
+    }
+
     /// The run with the median p99 latency (for runs at the same offered rate).
     fn median_p99(&self) -> &Measurement {
         let mut order: Vec<&Measurement> = self.runs.iter().collect();
@@ -644,10 +660,10 @@ fn per_request(count: u64, requests: u64) -> f64 {
 }
 
 fn print_table(rows: &[Row]) {
-    let Some(bare) = rows.iter().find(|r| r.id == "bare").map(Row::median) else {
+    let Some(bare_row) = rows.iter().find(|r| r.id == "bare") else {
         return;
     };
-    let bare_rate = bare.outcome.rate();
+    let bare = bare_row.median();
     let bare_p99 = bare.outcome.quantile(0.99);
     println!();
     println!(
@@ -666,7 +682,7 @@ fn print_table(rows: &[Row]) {
             "| {} | {:.0} | {:.2} | {} | {} | {:+.3} | {:.2} | {:.2} | {:.1} | {:.1} | {:.1} | {:.0}% | {} |",
             row.name,
             outcome.rate(),
-            outcome.rate() / bare_rate,
+            row.ratio_to(bare_row),
             millis(outcome.quantile(0.5)),
             millis(p99),
             delta * 1e3,
@@ -682,7 +698,7 @@ fn print_table(rows: &[Row]) {
     if rows.first().is_some_and(|row| row.runs.len() > 1) {
         println!();
         println!(
-            "(each row: the round with the median req/s; errors: all rounds; req/s of each round:)"
+            "(each row: the round with the median req/s; × bare: the median of the rounds' ratios to bare in the same round; errors: all rounds; req/s of each round:)"
         );
         for row in rows {
             let rates: Vec<String> = row
@@ -702,18 +718,15 @@ fn print_table(rows: &[Row]) {
 }
 
 fn print_targets(rows: &[Row], equal: Option<&[Row]>) {
-    let find = |id| {
-        rows.iter()
-            .find(|r| r.id == id)
-            .map(|r| (r.name, r.median()))
-    };
-    let Some((_, bare)) = find("bare") else {
+    let find = |id| rows.iter().find(|r| r.id == id);
+    let Some(bare) = find("bare") else {
         return;
     };
     println!();
     let verdict = |ok: bool| if ok { "met" } else { "MISSED" };
     for (id, want) in [("redis", 2.0), ("replay-moka", 0.0), ("replay-redis", 1.0)] {
-        if let Some((name, run)) = find(id) {
+        if let Some(row) = find(id) {
+            let (name, run) = (row.name, row.median());
             let got = per_request(run.redis.0, run.outcome.total);
             println!(
                 "target: {name:<42} round trips/req = {want:.0}: {got:.3} ({})",
@@ -721,15 +734,16 @@ fn print_targets(rows: &[Row], equal: Option<&[Row]>) {
             );
         }
     }
-    if let Some((_, run)) = find("replay-moka") {
-        let ratio = run.outcome.rate() / bare.outcome.rate();
+    if let Some(row) = find("replay-moka") {
+        let ratio = row.ratio_to(bare);
         println!(
             "target: replay from moka ≥ 0.9× bare: {ratio:.2}× ({})",
             verdict(ratio >= 0.9)
         );
     }
-    if let Some((_, run)) = find("redis") {
-        let ratio = run.outcome.rate() / bare.outcome.rate();
+    if let Some(row) = find("redis") {
+        let ratio = row.ratio_to(bare);
+        let (run, bare) = (row.median(), bare.median());
         println!(
             "target: first execution moka + Redis ≥ 0.5× bare: {ratio:.2}× ({})",
             verdict(ratio >= 0.5)
