@@ -14,7 +14,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use idem_examples::payments::{self, Settings};
-use idem_runtime::Idempotency;
+use idem_runtime::store::{RedisConfig, RedisStore, TieredStore};
+use idem_runtime::{Idempotency, IdempotencyBuilder};
 use std::io::Write as _;
 use tracing_subscriber::EnvFilter;
 
@@ -44,7 +45,10 @@ async fn run() -> Result<(), String> {
     if let Some(lease) = env_u64("IDEM_LEASE_MS")? {
         builder = builder.lease(Duration::from_millis(lease));
     }
-    if let Ok(url) = std::env::var("REDIS_URL") {
+    if let Some(url) = std::env::var("REDIS_URL")
+        .ok()
+        .filter(|url| !url.is_empty())
+    {
         builder = with_redis(builder, &url).await?;
     }
     let idem = builder.build();
@@ -68,11 +72,13 @@ async fn run() -> Result<(), String> {
     Ok(())
 }
 
-async fn with_redis(
-    _builder: idem_runtime::IdempotencyBuilder,
-    _url: &str,
-) -> Result<idem_runtime::IdempotencyBuilder, String> {
-    Err("REDIS_URL is set, but this build has no Redis support yet; unset it to use the embedded store".to_owned())
+/// Puts a local cache in front of the Redis at `url`. Connecting checks that Redis answers, so a
+/// wrong URL stops the service at start-up instead of failing every request.
+async fn with_redis(builder: IdempotencyBuilder, url: &str) -> Result<IdempotencyBuilder, String> {
+    let redis = RedisStore::connect(url, RedisConfig::new())
+        .await
+        .map_err(|error| format!("cannot use REDIS_URL: {error}"))?;
+    Ok(builder.store(TieredStore::new(redis)))
 }
 
 fn env_u64(name: &str) -> Result<Option<u64>, String> {
