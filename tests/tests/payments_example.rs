@@ -1,7 +1,6 @@
 //! The payments example against its contract (DESIGN.md section 8): in process through
 //! `idem_examples::payments::app`, and the real `payments` binary over TCP, stopped with SIGTERM.
 
-use std::process::Stdio;
 use std::time::Duration;
 
 use axum::Router;
@@ -9,10 +8,10 @@ use axum::body::Body;
 use http::{Request, StatusCode, header};
 use idem_examples::payments::{self, Settings};
 use idem_runtime::Idempotency;
+use idem_tests::process::PaymentsProcess;
 use idem_tests::support::{
     IDEMPOTENCY_KEY, Reply, http1_request, raw_exchange, request, send, within,
 };
-use tokio::io::AsyncBufReadExt as _;
 
 fn app() -> Router {
     let idem = Idempotency::builder().build();
@@ -357,112 +356,6 @@ async fn concurrent_retries_of_a_slow_payment_charge_once() {
 // ---------------------------------------------------------------------------------------------
 // The real binary
 // ---------------------------------------------------------------------------------------------
-
-/// Builds the `payments` binary with the cargo running this test and returns its path (next to
-/// this test's own `deps/` directory).
-async fn payments_binary() -> std::path::PathBuf {
-    let test_exe = std::env::current_exe().expect("the test's path");
-    let profile_dir = test_exe
-        .parent()
-        .and_then(std::path::Path::parent)
-        .expect("target/<profile>/deps/<test>")
-        .to_owned();
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| env!("CARGO").to_owned());
-    let workspace = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("the workspace root");
-    // The same target directory as this test, whatever `--target-dir` the caller gave.
-    let target_dir = profile_dir.parent().expect("target/<profile>");
-    let mut build = tokio::process::Command::new(cargo);
-    build
-        .current_dir(workspace)
-        .args([
-            "build",
-            "--quiet",
-            "-p",
-            "idem-examples",
-            "--bin",
-            "payments",
-        ])
-        .arg("--target-dir")
-        .arg(target_dir);
-    if profile_dir
-        .file_name()
-        .is_some_and(|name| name == "release")
-    {
-        build.arg("--release");
-    }
-    let status = tokio::time::timeout(Duration::from_secs(600), build.status())
-        .await
-        .expect("building payments took over 10 minutes")
-        .expect("run cargo build");
-    assert!(
-        status.success(),
-        "cargo build -p idem-examples --bin payments failed"
-    );
-    let binary = profile_dir.join(format!("payments{}", std::env::consts::EXE_SUFFIX));
-    assert!(binary.exists(), "{} was not built", binary.display());
-    binary
-}
-
-/// A running `payments` process.
-struct PaymentsProcess {
-    child: tokio::process::Child,
-    addr: std::net::SocketAddr,
-}
-
-impl PaymentsProcess {
-    /// Starts the binary on an ephemeral port with the embedded store and `env`, and waits for its
-    /// `listening on http://ADDR` line.
-    async fn start(env: &[(&str, &str)]) -> Self {
-        let binary = payments_binary().await;
-        let mut command = tokio::process::Command::new(&binary);
-        command
-            .env("IDEM_LISTEN", "127.0.0.1:0")
-            .env_remove("REDIS_URL")
-            .env_remove("PAYMENTS_PROCESSING_MS")
-            .env_remove("IDEM_LEASE_MS")
-            .envs(env.iter().copied())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true);
-        let mut child = command.spawn().expect("start payments");
-        let stdout = child.stdout.take().expect("piped stdout");
-        let mut lines = tokio::io::BufReader::new(stdout).lines();
-        let line = within("the `listening on` line", lines.next_line())
-            .await
-            .expect("read stdout")
-            .expect("payments printed nothing and exited");
-        let addr: std::net::SocketAddr = line
-            .strip_prefix("listening on http://")
-            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-            .parse()
-            .expect("a socket address");
-        assert_ne!(addr.port(), 0, "the real bound port is printed");
-        Self { child, addr }
-    }
-
-    /// Sends SIGTERM.
-    fn terminate(&self) {
-        let pid = self.child.id().expect("the child is running").to_string();
-        let kill = std::process::Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .expect("run kill");
-        assert!(kill.success());
-    }
-
-    /// Waits for the process to exit and asserts it exited cleanly.
-    async fn assert_clean_exit(mut self) {
-        let status = within("payments to exit after SIGTERM", self.child.wait())
-            .await
-            .expect("wait for payments");
-        assert!(
-            status.success(),
-            "payments exited with {status} after SIGTERM"
-        );
-    }
-}
 
 const ANN_PAYS: [(&str, &str); 2] = [
     ("authorization", "Bearer ann"),
