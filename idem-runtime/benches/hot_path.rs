@@ -24,7 +24,9 @@ use http::{HeaderName, HeaderValue, Method, Request, StatusCode, header};
 use idem_runtime::fingerprint::{Fingerprint, RecordKey, Scope};
 use idem_runtime::key::IdempotencyKey;
 use idem_runtime::record::{RecordedResult, StoredResponse};
-use idem_runtime::store::{AcquireRequest, Acquired, MemoryStore, OwnerToken, Store, TieredStore};
+use idem_runtime::store::{
+    AcquireRequest, Acquired, CompleteRequest, MemoryStore, OwnerToken, Store, TieredStore,
+};
 use idem_runtime::{Idempotency, idempotent};
 use tower::ServiceExt as _;
 
@@ -121,12 +123,13 @@ fn stores(c: &mut Criterion) {
         let owner = OwnerToken::generate();
         store.acquire(request(owner)).await.expect("acquire");
         store
-            .complete(
-                &key,
+            .complete(CompleteRequest {
+                key: &key,
                 owner,
-                Arc::new(sample_result()),
-                Duration::from_secs(3600),
-            )
+                fingerprint: &fingerprint,
+                result: &Arc::new(sample_result()),
+                ttl: Duration::from_secs(3600),
+            })
             .await
             .expect("complete");
     });
@@ -144,12 +147,13 @@ fn stores(c: &mut Criterion) {
         let owner = OwnerToken::generate();
         tiered.acquire(request(owner)).await.expect("acquire");
         tiered
-            .complete(
-                &key,
+            .complete(CompleteRequest {
+                key: &key,
                 owner,
-                Arc::new(sample_result()),
-                Duration::from_secs(3600),
-            )
+                fingerprint: &fingerprint,
+                result: &Arc::new(sample_result()),
+                ttl: Duration::from_secs(3600),
+            })
             .await
             .expect("complete");
     });

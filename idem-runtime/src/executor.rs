@@ -35,10 +35,10 @@ use tracing::{Instrument as _, field};
 
 use crate::config::{RouteConfig, Runtime};
 use crate::extract::{ContextState, IdempotentRequest, Keyed, Mode};
-use crate::fingerprint::{RecordKey, Scope};
+use crate::fingerprint::{Fingerprint, RecordKey, Scope};
 use crate::problem::{Problem, ProblemKind};
 use crate::record::{RecordedResult, StoredResponse};
-use crate::store::{AcquireRequest, Acquired, OwnerToken, StoreError};
+use crate::store::{AcquireRequest, Acquired, CompleteRequest, OwnerToken, StoreError};
 
 /// The response header marking a replayed response: `Idempotent-Replayed: true`.
 pub static IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
@@ -123,7 +123,9 @@ where
         };
         match runtime.store.acquire(request).await {
             Ok(Acquired::Execute { epoch }) => break epoch,
-            Ok(Acquired::Completed { result, .. }) => return replay(&result, &problem),
+            Ok(Acquired::Completed { result, ttl_left }) => {
+                return replay(&result, ttl_left, &problem);
+            }
             Ok(Acquired::Mismatch) => {
                 outcome("mismatch");
                 return problem(Problem::new(
@@ -174,6 +176,7 @@ where
             runtime: Arc::clone(runtime),
             record,
             owner,
+            fingerprint: keyed.fingerprint,
             duration: lease,
             context: keyed.context,
         },
@@ -283,6 +286,7 @@ struct LeaseHolder {
     runtime: Arc<Runtime>,
     record: RecordKey,
     owner: OwnerToken,
+    fingerprint: Fingerprint,
     duration: Duration,
     context: Option<Arc<ContextState>>,
 }
@@ -290,8 +294,13 @@ struct LeaseHolder {
 impl LeaseHolder {
     /// Renews the lease every third of its length, until the runtime's `max_run_time` has passed
     /// or the lease turns out to be lost. Aborted when the handler finishes.
+    ///
+    /// Once the lease can lapse (renewals stopped at `max_run_time`, or failed until the last
+    /// renewed lease ran out) the handler's context reports it lost: another attempt may run.
     async fn heartbeat(self) {
         let give_up_at = Instant::now() + self.runtime.max_run_time;
+        // The lease was taken (or last renewed) no earlier than this task started.
+        let mut lease_until = tokio::time::Instant::now() + self.duration;
         let period = self.duration / 3;
         let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -299,24 +308,31 @@ impl LeaseHolder {
             ticks.tick().await;
             if Instant::now() >= give_up_at {
                 tracing::warn!("handler ran past max_run_time: its lease is no longer renewed");
-                return;
+                tokio::time::sleep_until(lease_until).await;
+                return self.lose();
             }
+            let asked_at = tokio::time::Instant::now();
             match self
                 .runtime
                 .store
                 .renew(&self.record, self.owner, self.duration)
                 .await
             {
-                Ok(true) => {}
+                Ok(true) => lease_until = asked_at + self.duration,
                 Ok(false) => {
                     tracing::warn!(
                         "lease lost while the handler runs: its result will not be recorded"
                     );
-                    self.lose();
-                    return;
+                    return self.lose();
                 }
-                // A failed renewal is retried at the next tick; the lease is still valid until then.
-                Err(error) => tracing::warn!(%error, "lease renewal failed"),
+                // A failed renewal is retried at the next tick; the lease is still valid until
+                // `lease_until`.
+                Err(error) => {
+                    tracing::warn!(%error, "lease renewal failed");
+                    if tokio::time::Instant::now() >= lease_until {
+                        self.lose();
+                    }
+                }
             }
         }
     }
@@ -327,7 +343,7 @@ impl LeaseHolder {
         match self
             .runtime
             .store
-            .complete(&self.record, self.owner, Arc::clone(&result), ttl)
+            .complete(self.completion(&result, ttl))
             .await
         {
             Ok(true) => {}
@@ -355,7 +371,7 @@ impl LeaseHolder {
             match self
                 .runtime
                 .store
-                .complete(&self.record, self.owner, Arc::clone(&result), ttl)
+                .complete(self.completion(&result, ttl))
                 .await
             {
                 Ok(true) => return tracing::info!("result recorded after the store came back"),
@@ -366,6 +382,20 @@ impl LeaseHolder {
         tracing::warn!(
             "the store stayed unreachable for the whole lease: the result was not recorded"
         );
+    }
+
+    fn completion<'a>(
+        &'a self,
+        result: &'a Arc<RecordedResult>,
+        ttl: Duration,
+    ) -> CompleteRequest<'a> {
+        CompleteRequest {
+            key: &self.record,
+            owner: self.owner,
+            fingerprint: &self.fingerprint,
+            result,
+            ttl,
+        }
     }
 
     /// Gives the key up so a retry runs again. Failure is logged: the lease then simply expires.
@@ -386,13 +416,22 @@ fn outcome(outcome: &'static str) {
     tracing::Span::current().record("outcome", outcome);
 }
 
-fn replay(result: &RecordedResult, problem: &impl Fn(Problem) -> Response) -> Response {
+/// Answers with a recorded result. A result recorded as not replayable is a `409` whose
+/// `Retry-After` is when the record expires and the key runs again.
+fn replay(
+    result: &RecordedResult,
+    ttl_left: Duration,
+    problem: &impl Fn(Problem) -> Response,
+) -> Response {
     let RecordedResult::Response(stored) = result else {
         outcome("unavailable");
-        return problem(Problem::new(
-            ProblemKind::ResultUnavailable,
-            "the first request with this Idempotency-Key completed, but its response was too large to be replayed",
-        ));
+        return problem(
+            Problem::new(
+                ProblemKind::ResultUnavailable,
+                "the first request with this Idempotency-Key completed, but its response was too large to be replayed",
+            )
+            .with_retry_after(ttl_left),
+        );
     };
     outcome("replayed");
     let mut response = Response::new(Body::from(stored.body.clone()));
@@ -508,13 +547,7 @@ mod tests {
         ) -> StoreFuture<'a, bool> {
             Box::pin(async { Err(StoreError::Timeout) })
         }
-        fn complete<'a>(
-            &'a self,
-            _: &'a RecordKey,
-            _: OwnerToken,
-            _: Arc<RecordedResult>,
-            _: Duration,
-        ) -> StoreFuture<'a, bool> {
+        fn complete<'a>(&'a self, _: CompleteRequest<'a>) -> StoreFuture<'a, bool> {
             Box::pin(async { Err(StoreError::Timeout) })
         }
         fn release<'a>(&'a self, _: &'a RecordKey, _: OwnerToken) -> StoreFuture<'a, ()> {

@@ -18,8 +18,8 @@ use idem_runtime::fingerprint::{Fingerprint, RecordKey, Scope, scope};
 use idem_runtime::key::IdempotencyKey;
 use idem_runtime::record::{RecordedResult, StoredResponse};
 use idem_runtime::store::{
-    AcquireRequest, Acquired, OwnerToken, RedisConfig, RedisStore, Store, StoreError, TieredConfig,
-    TieredStore,
+    AcquireRequest, Acquired, CompleteRequest, OwnerToken, RedisConfig, RedisStore, Store,
+    StoreError, TieredConfig, TieredStore,
 };
 use idem_runtime::{Idempotency, IdempotencyContext, idempotent};
 use idem_tests::redis::RedisServer;
@@ -37,6 +37,23 @@ fn key(name: &str) -> RecordKey {
 
 fn print(body: &str) -> Fingerprint {
     Fingerprint::of(&http::Method::POST, "/", "/", "", body.as_bytes())
+}
+
+/// The arguments of `complete`, for a record acquired with the fingerprint `print("a")`.
+fn done<'a>(
+    key: &'a RecordKey,
+    owner: OwnerToken,
+    result: &'a Arc<RecordedResult>,
+    ttl: Duration,
+) -> CompleteRequest<'a> {
+    static PRINT_A: std::sync::LazyLock<Fingerprint> = std::sync::LazyLock::new(|| print("a"));
+    CompleteRequest {
+        key,
+        owner,
+        fingerprint: &PRINT_A,
+        result,
+        ttl,
+    }
 }
 
 fn response(body: &'static str) -> Arc<RecordedResult> {
@@ -140,26 +157,18 @@ async fn each_transition_converges_when_retried() {
     let ttl = Duration::from_secs(60);
     assert!(
         !store
-            .complete(&k, second, Arc::clone(&result), ttl)
+            .complete(done(&k, second, &result, ttl))
             .await
             .unwrap()
     );
+    assert!(store.complete(done(&k, first, &result, ttl)).await.unwrap());
     assert!(
-        store
-            .complete(&k, first, Arc::clone(&result), ttl)
-            .await
-            .unwrap()
-    );
-    assert!(
-        store
-            .complete(&k, first, Arc::clone(&result), ttl)
-            .await
-            .unwrap(),
+        store.complete(done(&k, first, &result, ttl)).await.unwrap(),
         "a repeated completion reports success"
     );
     assert!(
         !store
-            .complete(&k, second, Arc::clone(&result), ttl)
+            .complete(done(&k, second, &result, ttl))
             .await
             .unwrap()
     );
@@ -195,12 +204,17 @@ async fn an_expired_lease_is_taken_over_and_the_lost_owner_is_refused() {
     // The first attempt resumes after its pause: it may neither renew, nor record, nor release.
     assert!(!store.renew(&k, first, lease).await.unwrap());
     let late = response("late");
-    assert!(!store.complete(&k, first, late, RETENTION).await.unwrap());
+    assert!(
+        !store
+            .complete(done(&k, first, &late, RETENTION))
+            .await
+            .unwrap()
+    );
     store.release(&k, first).await.unwrap();
     let winner = response("winner");
     assert!(
         store
-            .complete(&k, second, Arc::clone(&winner), RETENTION)
+            .complete(done(&k, second, &winner, RETENTION))
             .await
             .unwrap()
     );
@@ -283,7 +297,7 @@ async fn records_live_as_long_as_they_should() {
     // Completed: kept for the ttl given to complete, reported by acquire in the same call.
     assert!(
         store
-            .complete(&k, owner, response("done"), Duration::from_secs(30))
+            .complete(done(&k, owner, &response("done"), Duration::from_secs(30)))
             .await
             .unwrap()
     );
@@ -304,7 +318,7 @@ async fn records_live_as_long_as_they_should() {
     let brief = Duration::from_millis(100);
     assert!(
         store
-            .complete(&k, owner, response("x"), brief)
+            .complete(done(&k, owner, &response("x"), brief))
             .await
             .unwrap()
     );
@@ -365,7 +379,7 @@ async fn corrupt_records_are_errors_not_panics() {
     assert!(!store.renew(&k, owner, LEASE).await.unwrap());
     assert!(
         !store
-            .complete(&k, owner, response("x"), LEASE)
+            .complete(done(&k, owner, &response("x"), LEASE))
             .await
             .unwrap()
     );
@@ -394,7 +408,7 @@ async fn forgotten_scripts_are_reloaded_transparently() {
     assert_eq!(loads(), 5, "the acquire script was reloaded once");
     assert!(
         store
-            .complete(&k, owner, response("x"), RETENTION)
+            .complete(done(&k, owner, &response("x"), RETENTION))
             .await
             .unwrap()
     );
@@ -518,7 +532,7 @@ async fn redis_down_fails_fast_and_the_same_store_recovers() {
         .unwrap();
     assert!(
         store
-            .complete(&k, owner, response("x"), RETENTION)
+            .complete(done(&k, owner, &response("x"), RETENTION))
             .await
             .unwrap()
     );
@@ -580,7 +594,7 @@ async fn cached_records_never_outlive_their_redis_record() {
     let ttl = Duration::from_millis(300);
     assert!(
         tiered
-            .complete(&k, owner, response("x"), ttl)
+            .complete(done(&k, owner, &response("x"), ttl))
             .await
             .unwrap()
     );
@@ -624,7 +638,7 @@ async fn cached_records_never_outlive_their_redis_record() {
     let day = Duration::from_secs(86_400);
     assert!(
         capped
-            .complete(&k, owner, response("x"), day)
+            .complete(done(&k, owner, &response("x"), day))
             .await
             .unwrap()
     );
@@ -1028,7 +1042,7 @@ async fn the_documented_acl_user_is_enough() {
     assert!(matches!(taken, Ok(Acquired::Execute { epoch: 2 })));
     assert!(
         store
-            .complete(&k, next, response("x"), RETENTION)
+            .complete(done(&k, next, &response("x"), RETENTION))
             .await
             .unwrap()
     );

@@ -4,7 +4,6 @@
 //! Concurrency, connections, time (TTL, leases) and the response-size limit are in
 //! `concurrency.rs`; the payments example in `payments_example.rs`.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, State};
@@ -15,8 +14,9 @@ use axum::{Json, Router};
 use http::{HeaderMap, HeaderValue, StatusCode, header};
 use idem_runtime::fingerprint::RecordKey;
 use idem_runtime::problem::Problem;
-use idem_runtime::record::RecordedResult;
-use idem_runtime::store::{AcquireRequest, Acquired, OwnerToken, StoreError, StoreFuture};
+use idem_runtime::store::{
+    AcquireRequest, Acquired, CompleteRequest, OwnerToken, StoreError, StoreFuture,
+};
 use idem_runtime::{Idempotency, IdempotencyContext, MemoryStore, Store, idempotent};
 use idem_tests::support::{IDEMPOTENCY_KEY, Ledger, Reply, keyed, request, send, unkeyed};
 use serde::Deserialize;
@@ -756,13 +756,7 @@ impl Store for Unreachable {
         Box::pin(async { Err(StoreError::Unavailable("connection refused".into())) })
     }
 
-    fn complete<'a>(
-        &'a self,
-        _: &'a RecordKey,
-        _: OwnerToken,
-        _: Arc<RecordedResult>,
-        _: Duration,
-    ) -> StoreFuture<'a, bool> {
+    fn complete<'a>(&'a self, _: CompleteRequest<'a>) -> StoreFuture<'a, bool> {
         Box::pin(async { Err(StoreError::Unavailable("connection refused".into())) })
     }
 

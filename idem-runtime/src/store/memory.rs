@@ -1,25 +1,39 @@
 //! The embedded store: the state machine in process memory, for one instance.
+//!
+//! Records in flight and settled records live apart. An in-flight record is the only thing that
+//! keeps a duplicate from running beside the first attempt, so it sits in a plain map that never
+//! evicts (its size is bounded by the handlers running at once: each entry leaves when its owner
+//! completes or releases it). Completed and released records sit in a [`moka`] cache bounded in
+//! bytes, from which they may be evicted early; a replay is one lookup there.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use moka::ops::compute::Op;
 use moka::sync::Cache;
 
-use super::{AcquireRequest, Acquired, OwnerToken, Store, StoreError, StoreFuture};
+use super::{
+    AcquireRequest, Acquired, CompleteRequest, OwnerToken, Store, StoreError, StoreFuture,
+};
 use crate::fingerprint::{Fingerprint, RecordKey};
 use crate::record::RecordedResult;
 
-/// Bytes charged per record on top of its recorded response (key, state, moka's bookkeeping).
-const RECORD_OVERHEAD: u32 = 160;
+/// Bytes charged per settled record on top of its recorded response: the key, fingerprint and
+/// deadline, moka's entry with its deque and timer nodes, the hash table's slot, the `Arc` and
+/// the allocator's headers. Measured with `idem-bench memory` (docs/BENCHMARKS.md), so that the
+/// byte bound is what the process really spends.
+pub(crate) const RECORD_OVERHEAD: u32 = 1024;
+
+/// Shards of the in-flight map: requests on different keys rarely wait for the same lock.
+const SHARDS: usize = 16;
 
 /// The in-process store: the default when no other store is configured.
 ///
-/// Records live in a [`moka`] cache bounded in bytes (the recorded bodies plus a fixed overhead per
-/// record) and expire on their own deadline: the route's ttl. When the bound is reached the least
-/// useful records are evicted early, and an evicted key behaves as new; size the bound for your
-/// traffic (`records per ttl × average response size`). It serves one instance; a fleet needs a
-/// shared store.
+/// Completed records live in a [`moka`] cache bounded in bytes (the recorded responses plus a
+/// fixed overhead per record) and expire on their own deadline, the route's ttl. When the bound
+/// is reached the least useful completed records are evicted early, and an evicted key behaves
+/// as new; size the bound for your traffic (`records per ttl × (average response size + 1 KiB)`).
+/// Records in flight are never evicted. It serves one instance; a fleet needs a shared store.
 ///
 /// ```
 /// use idem_runtime::{Idempotency, store::MemoryStore};
@@ -29,33 +43,38 @@ const RECORD_OVERHEAD: u32 = 160;
 /// ```
 #[derive(Clone)]
 pub struct MemoryStore {
-    records: Cache<RecordKey, Record>,
+    in_flight: Arc<[Mutex<HashMap<RecordKey, InFlight>>; SHARDS]>,
+    settled: Cache<RecordKey, Settled>,
 }
 
+/// A record some attempt owns (or owned, until its lease is taken over).
+struct InFlight {
+    fingerprint: Fingerprint,
+    epoch: u64,
+    owner: OwnerToken,
+    lease_until: Instant,
+    /// When the record is forgotten even if its owner never returns (the route's ttl).
+    expires_at: Instant,
+}
+
+/// A record nobody owns: completed, or released for a retry to take over.
 #[derive(Clone)]
-struct Record {
+struct Settled {
     fingerprint: Fingerprint,
     epoch: u64,
     expires_at: Instant,
-    state: State,
+    /// `Some` for a completed record, with the owner that completed it (so that a repeated
+    /// `complete` converges); `None` for a released one.
+    completed: Option<(OwnerToken, Arc<RecordedResult>)>,
 }
 
-#[derive(Clone)]
-enum State {
-    InFlight {
-        owner: Option<OwnerToken>,
-        lease_until: Instant,
-    },
-    Completed(Arc<RecordedResult>),
-}
+struct SettledExpiry;
 
-struct RecordExpiry;
-
-impl moka::Expiry<RecordKey, Record> for RecordExpiry {
+impl moka::Expiry<RecordKey, Settled> for SettledExpiry {
     fn expire_after_create(
         &self,
         _: &RecordKey,
-        record: &Record,
+        record: &Settled,
         now: Instant,
     ) -> Option<Duration> {
         Some(record.expires_at.saturating_duration_since(now))
@@ -64,7 +83,7 @@ impl moka::Expiry<RecordKey, Record> for RecordExpiry {
     fn expire_after_update(
         &self,
         _: &RecordKey,
-        record: &Record,
+        record: &Settled,
         now: Instant,
         _: Option<Duration>,
     ) -> Option<Duration> {
@@ -76,28 +95,33 @@ impl MemoryStore {
     /// The default bound: 64 MiB.
     pub const DEFAULT_CAPACITY_BYTES: u64 = 64 << 20;
 
-    /// A store holding at most about `capacity_bytes` of records.
+    /// A store holding at most about `capacity_bytes` of settled records.
     pub fn new(capacity_bytes: u64) -> Self {
-        let records = Cache::builder()
+        let settled = Cache::builder()
             .max_capacity(capacity_bytes)
-            .weigher(|_: &RecordKey, record: &Record| {
-                let body = match &record.state {
-                    State::InFlight { .. } => 0,
-                    State::Completed(result) => result.weight(),
-                };
-                u32::try_from(body)
+            .weigher(|_: &RecordKey, record: &Settled| {
+                let result = record
+                    .completed
+                    .as_ref()
+                    .map_or(0, |(_, result)| result.weight());
+                u32::try_from(result)
                     .unwrap_or(u32::MAX)
                     .saturating_add(RECORD_OVERHEAD)
             })
-            .expire_after(RecordExpiry)
+            .expire_after(SettledExpiry)
             .build();
-        Self { records }
+        Self {
+            in_flight: Arc::new(std::array::from_fn(|_| Mutex::default())),
+            settled,
+        }
     }
 
-    /// The number of records held (approximate until pending maintenance has run).
+    /// The number of records held, in flight or settled (approximate until the cache's pending
+    /// maintenance has run).
     pub fn len(&self) -> u64 {
-        self.records.run_pending_tasks();
-        self.records.entry_count()
+        self.settled.run_pending_tasks();
+        let in_flight: usize = self.in_flight.iter().map(|shard| lock(shard).len()).sum();
+        self.settled.entry_count() + in_flight as u64
     }
 
     /// Whether the store holds no record.
@@ -105,35 +129,31 @@ impl MemoryStore {
         self.len() == 0
     }
 
-    /// The bytes charged against the bound (approximate until pending maintenance has run).
+    /// The bytes charged against the bound by settled records (approximate until pending
+    /// maintenance has run).
     pub fn weighted_size(&self) -> u64 {
-        self.records.run_pending_tasks();
-        self.records.weighted_size()
+        self.settled.run_pending_tasks();
+        self.settled.weighted_size()
     }
 
-    /// Applies `transition` to the record atomically and returns what it decided.
-    fn transition<T>(
-        &self,
-        key: &RecordKey,
-        transition: impl FnOnce(Option<&Record>, Instant) -> (Option<Record>, T),
-    ) -> T {
-        let mut answer = None;
-        self.records.entry(*key).and_compute_with(|entry| {
-            let now = Instant::now();
-            // An entry past its deadline may still be in the map until maintenance runs.
-            let current = entry
-                .as_ref()
-                .map(moka::Entry::value)
-                .filter(|r| r.expires_at > now);
-            let (next, result) = transition(current, now);
-            answer = Some(result);
-            match next {
-                Some(record) => Op::Put(record),
-                None => Op::Nop,
-            }
-        });
-        answer.expect("and_compute_with calls its closure exactly once")
+    /// The in-flight shard of `key`. Completing and releasing move a record from this map to the
+    /// settled cache while holding the lock, so an acquire holding it sees one or the other.
+    fn shard(&self, key: &RecordKey) -> MutexGuard<'_, HashMap<RecordKey, InFlight>> {
+        lock(&self.in_flight[usize::from(key.0[0]) % SHARDS])
     }
+
+    /// The settled record of `key`, if it is still alive.
+    fn settled(&self, key: &RecordKey, now: Instant) -> Option<Settled> {
+        self.settled
+            .get(key)
+            .filter(|record| record.expires_at > now)
+    }
+}
+
+/// No transition panics while holding a lock, and each leaves the map consistent at every step,
+/// so a poisoned lock is still safe to use.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl Default for MemoryStore {
@@ -145,81 +165,158 @@ impl Default for MemoryStore {
 impl std::fmt::Debug for MemoryStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MemoryStore")
-            .field("records", &self.records.entry_count())
-            .field("weighted_size", &self.records.weighted_size())
-            .finish()
+            .field("settled", &self.settled.entry_count())
+            .field("weighted_size", &self.settled.weighted_size())
+            .finish_non_exhaustive()
     }
 }
 
-fn acquire(
-    current: Option<&Record>,
-    now: Instant,
+/// The answer for a settled record: replay it, refuse a different request, or (released) let
+/// the caller take it over.
+fn settled_answer(
+    record: &Settled,
     request: &AcquireRequest<'_>,
-) -> (Option<Record>, Acquired) {
-    let in_flight = |epoch, expires_at| Record {
-        fingerprint: *request.fingerprint,
-        epoch,
-        expires_at,
-        state: State::InFlight {
-            owner: Some(request.owner),
-            lease_until: now + request.lease,
-        },
-    };
-    let Some(record) = current else {
-        let retention = request.retention.max(request.lease);
-        return (
-            Some(in_flight(1, now + retention)),
-            Acquired::Execute { epoch: 1 },
-        );
-    };
+    now: Instant,
+) -> Option<Acquired> {
     if record.fingerprint != *request.fingerprint {
-        return (None, Acquired::Mismatch);
+        return Some(Acquired::Mismatch);
     }
-    match &record.state {
-        State::Completed(result) => (
-            None,
-            Acquired::Completed {
-                result: Arc::clone(result),
-                ttl_left: record.expires_at.saturating_duration_since(now),
-            },
-        ),
-        State::InFlight { owner, .. } if *owner == Some(request.owner) => (
-            None,
-            Acquired::Execute {
+    record
+        .completed
+        .as_ref()
+        .map(|(_, result)| Acquired::Completed {
+            result: Arc::clone(result),
+            ttl_left: record.expires_at.saturating_duration_since(now),
+        })
+}
+
+impl MemoryStore {
+    fn acquire_now(&self, request: &AcquireRequest<'_>) -> Acquired {
+        let now = Instant::now();
+        // A completed record never changes until it expires: replays need no lock.
+        if let Some(answer) = self
+            .settled(request.key, now)
+            .and_then(|record| settled_answer(&record, request, now))
+        {
+            return answer;
+        }
+        let mut shard = self.shard(request.key);
+        if let Some(record) = shard
+            .get_mut(request.key)
+            .filter(|record| record.expires_at > now)
+        {
+            if record.fingerprint != *request.fingerprint {
+                return Acquired::Mismatch;
+            }
+            if record.owner != request.owner {
+                if record.lease_until > now {
+                    return Acquired::InFlight {
+                        lease_left: record.lease_until - now,
+                    };
+                }
+                // The owner stalled or died: take over with the next epoch.
+                record.epoch += 1;
+                record.owner = request.owner;
+                record.lease_until = now + request.lease;
+                record.expires_at = record.expires_at.max(now + request.lease);
+            }
+            return Acquired::Execute {
                 epoch: record.epoch,
+            };
+        }
+        // Not in flight: the settled cache decides, read again under the lock.
+        let settled = self.settled(request.key, now);
+        if let Some(answer) = settled
+            .as_ref()
+            .and_then(|record| settled_answer(record, request, now))
+        {
+            return answer;
+        }
+        let (epoch, expires_at) = match settled {
+            // Released: the next attempt, keeping the record's deadline.
+            Some(released) => (
+                released.epoch + 1,
+                released.expires_at.max(now + request.lease),
+            ),
+            None => (1, now + request.retention.max(request.lease)),
+        };
+        shard.insert(
+            *request.key,
+            InFlight {
+                fingerprint: *request.fingerprint,
+                epoch,
+                owner: request.owner,
+                lease_until: now + request.lease,
+                expires_at,
             },
-        ),
-        State::InFlight { lease_until, .. } if *lease_until > now => (
-            None,
-            Acquired::InFlight {
-                lease_left: *lease_until - now,
-            },
-        ),
-        State::InFlight { .. } => {
-            let epoch = record.epoch + 1;
-            let expires_at = record.expires_at.max(now + request.lease);
-            (
-                Some(in_flight(epoch, expires_at)),
-                Acquired::Execute { epoch },
-            )
+        );
+        Acquired::Execute { epoch }
+    }
+
+    fn renew_now(&self, key: &RecordKey, owner: OwnerToken, lease: Duration) -> bool {
+        let now = Instant::now();
+        let mut shard = self.shard(key);
+        match shard.get_mut(key) {
+            Some(record) if record.owner == owner && record.expires_at > now => {
+                record.lease_until = now + lease;
+                record.expires_at = record.expires_at.max(record.lease_until);
+                true
+            }
+            _ => false,
         }
     }
-}
 
-fn owned_by(record: Option<&Record>, owner: OwnerToken) -> Option<(&Record, Instant)> {
-    match record?.state {
-        State::InFlight {
-            owner: Some(current),
-            lease_until,
-        } if current == owner => Some((record?, lease_until)),
-        _ => None,
+    fn complete_now(&self, request: &CompleteRequest<'_>) -> bool {
+        let now = Instant::now();
+        let mut shard = self.shard(request.key);
+        match shard.get(request.key) {
+            Some(record) if record.owner == request.owner => {
+                let owned = record.expires_at > now;
+                if owned {
+                    let completed = Settled {
+                        fingerprint: record.fingerprint,
+                        epoch: record.epoch,
+                        expires_at: now + request.ttl,
+                        completed: Some((request.owner, Arc::clone(request.result))),
+                    };
+                    self.settled.insert(*request.key, completed);
+                }
+                // An expired record is forgotten either way, as it would have been by its ttl.
+                shard.remove(request.key);
+                owned
+            }
+            Some(_) => false,
+            // Completing twice (a retried command) converges; a record completed by another
+            // owner was not ours.
+            None => self.settled(request.key, now).is_some_and(|record| {
+                record
+                    .completed
+                    .is_some_and(|(completer, _)| completer == request.owner)
+            }),
+        }
+    }
+
+    fn release_now(&self, key: &RecordKey, owner: OwnerToken) {
+        let now = Instant::now();
+        let mut shard = self.shard(key);
+        if shard.get(key).is_some_and(|record| record.owner == owner)
+            && let Some(record) = shard.remove(key)
+            && record.expires_at > now
+        {
+            let released = Settled {
+                fingerprint: record.fingerprint,
+                epoch: record.epoch,
+                expires_at: record.expires_at,
+                completed: None,
+            };
+            self.settled.insert(*key, released);
+        }
     }
 }
 
 impl Store for MemoryStore {
     fn acquire<'a>(&'a self, request: AcquireRequest<'a>) -> StoreFuture<'a, Acquired> {
-        let answer = self.transition(request.key, |current, now| acquire(current, now, &request));
-        Box::pin(std::future::ready(Ok(answer)))
+        Box::pin(std::future::ready(Ok(self.acquire_now(&request))))
     }
 
     fn renew<'a>(
@@ -228,66 +325,15 @@ impl Store for MemoryStore {
         owner: OwnerToken,
         lease: Duration,
     ) -> StoreFuture<'a, bool> {
-        let renewed = self.transition(key, |current, now| match owned_by(current, owner) {
-            Some((record, _)) => {
-                let mut next = record.clone();
-                next.state = State::InFlight {
-                    owner: Some(owner),
-                    lease_until: now + lease,
-                };
-                next.expires_at = next.expires_at.max(now + lease);
-                (Some(next), true)
-            }
-            None => (None, false),
-        });
-        Box::pin(std::future::ready(Ok(renewed)))
+        Box::pin(std::future::ready(Ok(self.renew_now(key, owner, lease))))
     }
 
-    fn complete<'a>(
-        &'a self,
-        key: &'a RecordKey,
-        owner: OwnerToken,
-        result: Arc<RecordedResult>,
-        ttl: Duration,
-    ) -> StoreFuture<'a, bool> {
-        let completed = self.transition(key, |current, now| {
-            match (current, owned_by(current, owner)) {
-                (_, Some((record, _))) => {
-                    let next = Record {
-                        fingerprint: record.fingerprint,
-                        epoch: record.epoch,
-                        expires_at: now + ttl,
-                        state: State::Completed(result),
-                    };
-                    (Some(next), true)
-                }
-                // Completing twice (a retried command) is not an error, but a record completed by a
-                // different owner was not ours: report that, so the caller knows it lost.
-                (
-                    Some(Record {
-                        state: State::Completed(stored),
-                        ..
-                    }),
-                    None,
-                ) => (None, Arc::ptr_eq(stored, &result)),
-                _ => (None, false),
-            }
-        });
-        Box::pin(std::future::ready(Ok(completed)))
+    fn complete<'a>(&'a self, request: CompleteRequest<'a>) -> StoreFuture<'a, bool> {
+        Box::pin(std::future::ready(Ok(self.complete_now(&request))))
     }
 
     fn release<'a>(&'a self, key: &'a RecordKey, owner: OwnerToken) -> StoreFuture<'a, ()> {
-        self.transition(key, |current, now| match owned_by(current, owner) {
-            Some((record, _)) => {
-                let mut next = record.clone();
-                next.state = State::InFlight {
-                    owner: None,
-                    lease_until: now,
-                };
-                (Some(next), ())
-            }
-            None => (None, ()),
-        });
+        self.release_now(key, owner);
         Box::pin(std::future::ready(Ok::<(), StoreError>(())))
     }
 }
@@ -356,19 +402,37 @@ mod tests {
         let result = Arc::new(RecordedResult::TooLarge);
         assert!(
             !store
-                .complete(&k, second, Arc::clone(&result), Duration::from_secs(60))
+                .complete(CompleteRequest {
+                    key: &k,
+                    owner: second,
+                    fingerprint: &fp,
+                    result: &result,
+                    ttl: Duration::from_secs(60)
+                })
                 .await
                 .unwrap()
         );
         assert!(
             store
-                .complete(&k, first, Arc::clone(&result), Duration::from_secs(60))
+                .complete(CompleteRequest {
+                    key: &k,
+                    owner: first,
+                    fingerprint: &fp,
+                    result: &result,
+                    ttl: Duration::from_secs(60)
+                })
                 .await
                 .unwrap()
         );
         assert!(
             store
-                .complete(&k, first, Arc::clone(&result), Duration::from_secs(60))
+                .complete(CompleteRequest {
+                    key: &k,
+                    owner: first,
+                    fingerprint: &fp,
+                    result: &result,
+                    ttl: Duration::from_secs(60)
+                })
                 .await
                 .unwrap(),
             "repeatable"
@@ -408,7 +472,13 @@ mod tests {
         assert!(!store.renew(&k, first, short).await.unwrap());
         assert!(
             !store
-                .complete(&k, first, Arc::new(RecordedResult::TooLarge), short)
+                .complete(CompleteRequest {
+                    key: &k,
+                    owner: first,
+                    fingerprint: &fp,
+                    result: &Arc::new(RecordedResult::TooLarge),
+                    ttl: short
+                })
                 .await
                 .unwrap()
         );
@@ -444,12 +514,13 @@ mod tests {
         let owner = OwnerToken::generate();
         acquire_with(&store, &k, owner, &fp, Duration::from_secs(5)).await;
         store
-            .complete(
-                &k,
+            .complete(CompleteRequest {
+                key: &k,
                 owner,
-                Arc::new(RecordedResult::TooLarge),
-                Duration::from_millis(40),
-            )
+                fingerprint: &fp,
+                result: &Arc::new(RecordedResult::TooLarge),
+                ttl: Duration::from_millis(40),
+            })
             .await
             .unwrap();
         tokio::time::sleep(Duration::from_millis(80)).await;

@@ -116,6 +116,22 @@ pub struct AcquireRequest<'a> {
     pub retention: Duration,
 }
 
+/// The arguments of [`Store::complete`].
+#[derive(Debug, Clone, Copy)]
+pub struct CompleteRequest<'a> {
+    /// The record.
+    pub key: &'a RecordKey,
+    /// The attempt that ran the handler.
+    pub owner: OwnerToken,
+    /// The fingerprint the attempt acquired the record with (a store that caches completed
+    /// records needs it; the record itself already holds it).
+    pub fingerprint: &'a Fingerprint,
+    /// What to replay.
+    pub result: &'a Arc<RecordedResult>,
+    /// How long the completed record is kept (the route's ttl).
+    pub ttl: Duration,
+}
+
 /// The answer of [`Store::acquire`].
 #[derive(Debug, Clone)]
 pub enum Acquired {
@@ -172,15 +188,9 @@ pub trait Store: Send + Sync + 'static {
         lease: Duration,
     ) -> StoreFuture<'a, bool>;
 
-    /// Records the result and keeps it for `ttl`; `Ok(false)` when `owner` no longer owns the
-    /// record (the result is then discarded).
-    fn complete<'a>(
-        &'a self,
-        key: &'a RecordKey,
-        owner: OwnerToken,
-        result: Arc<RecordedResult>,
-        ttl: Duration,
-    ) -> StoreFuture<'a, bool>;
+    /// Records the result and keeps it for `request.ttl`; `Ok(false)` when `request.owner` no
+    /// longer owns the record (the result is then discarded).
+    fn complete<'a>(&'a self, request: CompleteRequest<'a>) -> StoreFuture<'a, bool>;
 
     /// Ends `owner`'s lease now, keeping the record (and its epoch) so the next acquire takes over.
     fn release<'a>(&'a self, key: &'a RecordKey, owner: OwnerToken) -> StoreFuture<'a, ()>;

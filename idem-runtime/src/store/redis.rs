@@ -30,7 +30,9 @@ use std::time::Duration;
 use ::redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use ::redis::{Client, IntoConnectionInfo, RedisError, Script, ScriptInvocation, Value};
 
-use super::{AcquireRequest, Acquired, OwnerToken, Store, StoreError, StoreFuture};
+use super::{
+    AcquireRequest, Acquired, CompleteRequest, OwnerToken, Store, StoreError, StoreFuture,
+};
 use crate::fingerprint::{Fingerprint, RecordKey};
 use crate::record::{DecodeError, RecordedResult};
 
@@ -380,19 +382,13 @@ where
         })
     }
 
-    fn complete<'a>(
-        &'a self,
-        key: &'a RecordKey,
-        owner: OwnerToken,
-        result: Arc<RecordedResult>,
-        ttl: Duration,
-    ) -> StoreFuture<'a, bool> {
+    fn complete<'a>(&'a self, request: CompleteRequest<'a>) -> StoreFuture<'a, bool> {
         Box::pin(async move {
-            let mut invocation = SCRIPTS.complete.key(key_name(key));
+            let mut invocation = SCRIPTS.complete.key(key_name(request.key));
             invocation
-                .arg(owner_arg(owner))
-                .arg(result.encode().as_ref())
-                .arg(millis(ttl));
+                .arg(owner_arg(request.owner))
+                .arg(request.result.encode().as_ref())
+                .arg(millis(request.ttl));
             parse_flag(&self.invoke(&invocation).await?)
         })
     }

@@ -7,7 +7,9 @@
 //! use idem_runtime::fingerprint::{Fingerprint, RecordKey, Scope};
 //! use idem_runtime::key::IdempotencyKey;
 //! use idem_runtime::record::RecordedResult;
-//! use idem_runtime::store::{AcquireRequest, Acquired, MemoryStore, OwnerToken, Store, TieredStore};
+//! use idem_runtime::store::{
+//!     AcquireRequest, Acquired, CompleteRequest, MemoryStore, OwnerToken, Store, TieredStore,
+//! };
 //!
 //! // In production the inner store is a `RedisStore`; any store works.
 //! let store = TieredStore::new(MemoryStore::default());
@@ -20,7 +22,9 @@
 //! let owner = OwnerToken::generate();
 //! assert!(matches!(store.acquire(request(owner)).await?, Acquired::Execute { epoch: 1 }));
 //! let result = Arc::new(RecordedResult::TooLarge);
-//! assert!(store.complete(&key, owner, result, Duration::from_secs(3600)).await?);
+//! let ttl = Duration::from_secs(3600);
+//! let done = CompleteRequest { key: &key, owner, fingerprint: &fingerprint, result: &result, ttl };
+//! assert!(store.complete(done).await?);
 //!
 //! // The replay is answered from memory, without asking the inner store.
 //! assert!(matches!(store.acquire(request(OwnerToken::generate())).await?, Acquired::Completed { .. }));
@@ -36,22 +40,13 @@ use std::time::{Duration, Instant};
 
 use moka::sync::Cache;
 
-use super::{AcquireRequest, Acquired, OwnerToken, Store, StoreFuture};
+use super::{AcquireRequest, Acquired, CompleteRequest, OwnerToken, Store, StoreFuture};
 use crate::fingerprint::{Fingerprint, RecordKey};
 use crate::record::RecordedResult;
 
-/// Bytes charged per cached record on top of its response (key, fingerprint, deadline, moka's
-/// bookkeeping).
-const ENTRY_OVERHEAD: u32 = 160;
-
-/// How many attempts this process may be running at once and still have their result cached
-/// when they complete (beyond it, a result is simply not cached: the next replay asks the inner
-/// store once).
-const MAX_OWNED: u64 = 100_000;
-
-/// How long this process remembers the fingerprint of an attempt it started, waiting for its
-/// completion.
-const OWNED_FOR: Duration = Duration::from_hours(1);
+/// Bytes charged per cached record on top of its response: the same measured overhead as the
+/// embedded store's (key, fingerprint, deadline, moka's bookkeeping, allocator headers).
+const ENTRY_OVERHEAD: u32 = super::memory::RECORD_OVERHEAD;
 
 /// A store that answers replays of completed records from process memory, in front of a shared
 /// `inner` store (normally a [`RedisStore`](super::RedisStore)).
@@ -61,6 +56,9 @@ const OWNED_FOR: Duration = Duration::from_hours(1);
 ///   `inner` decides, and a [`Acquired::Completed`] answer is cached.
 /// * **complete**: `inner` records the result; when it accepts it, the result is cached too.
 /// * **renew** and **release** go to `inner` unchanged.
+///
+/// Nothing is kept per request in flight: a first execution costs the inner store's acquire and
+/// complete plus one cache insert.
 ///
 /// Only **completed** records are cached: they never change until they expire, so a cached copy
 /// is always right. In-flight state is always read from `inner`, which stays the single authority
@@ -72,9 +70,6 @@ const OWNED_FOR: Duration = Duration::from_hours(1);
 pub struct TieredStore<S> {
     inner: S,
     completed: Cache<RecordKey, CachedRecord>,
-    /// The fingerprints of attempts this process started, so that `complete` (which does not
-    /// receive the fingerprint) can cache the result.
-    owned: Cache<(RecordKey, OwnerToken), Fingerprint>,
     max_entry_ttl: Duration,
     hits: AtomicU64,
     misses: AtomicU64,
@@ -196,14 +191,9 @@ impl<S: Store> TieredStore<S> {
             })
             .expire_after(CachedRecordExpiry)
             .build();
-        let owned = Cache::builder()
-            .max_capacity(MAX_OWNED)
-            .time_to_live(OWNED_FOR)
-            .build();
         Self {
             inner,
             completed,
-            owned,
             max_entry_ttl: config.max_entry_ttl,
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
@@ -292,11 +282,7 @@ impl<S: Store> Store for TieredStore<S> {
                     asked_at,
                     *ttl_left,
                 ),
-                Acquired::Execute { .. } => {
-                    self.owned
-                        .insert((*request.key, request.owner), *request.fingerprint);
-                }
-                Acquired::Mismatch | Acquired::InFlight { .. } => {}
+                Acquired::Execute { .. } | Acquired::Mismatch | Acquired::InFlight { .. } => {}
             }
             Ok(answer)
         })
@@ -311,35 +297,25 @@ impl<S: Store> Store for TieredStore<S> {
         self.inner.renew(key, owner, lease)
     }
 
-    fn complete<'a>(
-        &'a self,
-        key: &'a RecordKey,
-        owner: OwnerToken,
-        result: Arc<RecordedResult>,
-        ttl: Duration,
-    ) -> StoreFuture<'a, bool> {
+    fn complete<'a>(&'a self, request: CompleteRequest<'a>) -> StoreFuture<'a, bool> {
         Box::pin(async move {
             let asked_at = Instant::now();
-            let completed = self
-                .inner
-                .complete(key, owner, Arc::clone(&result), ttl)
-                .await?;
-            // A failed call keeps the fingerprint: the executor may retry the same completion.
-            if let Some(fingerprint) = self.owned.remove(&(*key, owner))
-                && completed
-            {
-                self.remember(*key, fingerprint, result, asked_at, ttl);
+            let completed = self.inner.complete(request).await?;
+            if completed {
+                self.remember(
+                    *request.key,
+                    *request.fingerprint,
+                    Arc::clone(request.result),
+                    asked_at,
+                    request.ttl,
+                );
             }
             Ok(completed)
         })
     }
 
     fn release<'a>(&'a self, key: &'a RecordKey, owner: OwnerToken) -> StoreFuture<'a, ()> {
-        Box::pin(async move {
-            self.inner.release(key, owner).await?;
-            self.owned.invalidate(&(*key, owner));
-            Ok(())
-        })
+        self.inner.release(key, owner)
     }
 }
 
@@ -408,7 +384,13 @@ mod tests {
         let result = Arc::new(RecordedResult::TooLarge);
         assert!(
             store
-                .complete(&k, owner, Arc::clone(&result), Duration::from_mins(1))
+                .complete(CompleteRequest {
+                    key: &k,
+                    owner,
+                    fingerprint: &fp,
+                    result: &result,
+                    ttl: Duration::from_mins(1)
+                })
                 .await
                 .unwrap()
         );
@@ -448,7 +430,13 @@ mod tests {
             let result = Arc::new(RecordedResult::TooLarge);
             assert!(
                 store
-                    .complete(k, owner, result, Duration::from_millis(ttl))
+                    .complete(CompleteRequest {
+                        key: k,
+                        owner,
+                        fingerprint: &fp,
+                        result: &result,
+                        ttl: Duration::from_millis(ttl)
+                    })
                     .await
                     .unwrap()
             );
@@ -479,7 +467,13 @@ mod tests {
         let result = Arc::new(RecordedResult::TooLarge);
         assert!(
             !store
-                .complete(&k, owner, result, Duration::from_mins(1))
+                .complete(CompleteRequest {
+                    key: &k,
+                    owner,
+                    fingerprint: &fp,
+                    result: &result,
+                    ttl: Duration::from_mins(1)
+                })
                 .await
                 .unwrap()
         );
