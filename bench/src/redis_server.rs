@@ -94,7 +94,7 @@ impl RedisServer {
     }
 
     /// `INFO commandstats` as `command name → calls` (names as Redis prints them: `evalsha`,
-    /// `hset`, `script|load`, …).
+    /// `get`, `script|load`, …).
     pub(crate) fn command_stats(&self) -> Result<CommandStats, String> {
         let reply = self
             .command("INFO commandstats")

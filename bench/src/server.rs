@@ -74,7 +74,7 @@ async fn floor<const N: usize>(
     for _ in 0..N {
         let mut connection = connection.clone();
         SCRIPT
-            .key("idem:v1:{floor}")
+            .key("idem:v2:{floor}")
             .arg("0123456789abcdef0123456789abcdef")
             .invoke_async::<i64>(&mut connection)
             .await

@@ -171,7 +171,7 @@ impl RedisServer {
     }
 
     /// Calls per command since the server started (`INFO commandstats`), keyed by lower-case
-    /// command name (`evalsha`, `hset`, …).
+    /// command name (`evalsha`, `get`, …).
     pub fn command_calls(&self) -> HashMap<String, u64> {
         let info: String = self.query(redis::cmd("INFO").arg("commandstats"));
         parse_command_stats(&info)

@@ -103,7 +103,7 @@ async fn a_cluster_serves_a_fleet() {
         assert!(!keys.is_empty(), "a master holds no record");
         for name in keys {
             assert!(
-                name.starts_with("idem:v1:{") && name.len() == 8 + 66,
+                name.starts_with("idem:v2:{") && name.len() == 8 + 66,
                 "{name}"
             );
             let slot: u16 = node.query(redis::cmd("CLUSTER").arg("KEYSLOT").arg(&name));

@@ -98,8 +98,33 @@ fn pttl(server: &RedisServer, key: &RecordKey) -> i64 {
     server.query(redis::cmd("PTTL").arg(RedisStore::key_name(key)))
 }
 
-fn field(server: &RedisServer, key: &RecordKey, name: &str) -> Option<String> {
-    server.query(redis::cmd("HGET").arg(RedisStore::key_name(key)).arg(name))
+/// A record as Redis holds it (the layout documented on `RedisStore`).
+#[derive(Debug)]
+struct RawRecord {
+    state: u8,
+    owner: [u8; 16],
+    epoch: u64,
+    lease_until: i64,
+}
+
+fn raw_record(server: &RedisServer, key: &RecordKey) -> Option<RawRecord> {
+    let value: Option<Vec<u8>> = server.query(redis::cmd("GET").arg(RedisStore::key_name(key)));
+    let value = value?;
+    assert!(value.len() >= 81, "a record of {} bytes", value.len());
+    let number = |range: std::ops::Range<usize>| -> i64 {
+        std::str::from_utf8(&value[range]).unwrap().parse().unwrap()
+    };
+    Some(RawRecord {
+        state: value[0],
+        owner: value[33..49].try_into().unwrap(),
+        epoch: u64::try_from(number(49..65)).unwrap(),
+        lease_until: number(65..81),
+    })
+}
+
+/// Writes `value` as the record of `key`, as a foreign writer or a corruption would.
+fn overwrite(server: &RedisServer, key: &RecordKey, value: &[u8]) {
+    let _: () = server.query(redis::cmd("SET").arg(RedisStore::key_name(key)).arg(value));
 }
 
 fn server_now_ms(server: &RedisServer) -> i64 {
@@ -108,7 +133,7 @@ fn server_now_ms(server: &RedisServer) -> i64 {
 }
 
 /// Commands the scripts run inside Redis: `INFO commandstats` counts them too.
-const SCRIPT_INNER: &[&str] = &["time", "hmget", "hget", "hset", "hdel", "pexpire", "pttl"];
+const SCRIPT_INNER: &[&str] = &["time", "get", "set", "pttl"];
 
 /// `EVALSHA` calls, and calls of every command a client sent (everything but the commands run
 /// inside scripts and the `INFO` the measurement itself sends).
@@ -121,6 +146,15 @@ fn calls(server: &RedisServer) -> (u64, u64) {
         .map(|(_, calls)| calls)
         .sum();
     (evalsha, sent)
+}
+
+/// Commands run inside the scripts so far.
+fn inner_calls(server: &RedisServer) -> u64 {
+    let stats = server.command_calls();
+    SCRIPT_INNER
+        .iter()
+        .map(|name| stats.get(*name).copied().unwrap_or(0))
+        .sum()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -151,7 +185,12 @@ async fn each_transition_converges_when_retried() {
     assert!(store.renew(&k, first, LEASE).await.unwrap(), "renew twice");
     assert!(!store.renew(&k, second, LEASE).await.unwrap());
     store.release(&k, second).await.unwrap();
-    assert_eq!(field(&server, &k, "owner").map(|o| o.len()), Some(32));
+    let held = raw_record(&server, &k).unwrap();
+    assert_eq!(
+        (held.state, held.owner),
+        (b'i', first.0.to_be_bytes()),
+        "a stranger's release changes nothing"
+    );
 
     let result = response("{\"id\":1}");
     let ttl = Duration::from_secs(60);
@@ -181,9 +220,9 @@ async fn each_transition_converges_when_retried() {
     }
     let mismatch = acquire(&store, &k, second, &print("b"), LEASE, RETENTION).await;
     assert!(matches!(mismatch, Ok(Acquired::Mismatch)));
-    assert_eq!(field(&server, &k, "state").as_deref(), Some("c"));
-    assert_eq!(field(&server, &k, "epoch").as_deref(), Some("1"));
-    assert_eq!(field(&server, &k, "lease_until"), None);
+    let completed = raw_record(&server, &k).unwrap();
+    assert_eq!((completed.state, completed.epoch), (b'c', 1));
+    assert_eq!(completed.lease_until, 0, "no lease once completed");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -222,7 +261,7 @@ async fn an_expired_lease_is_taken_over_and_the_lost_owner_is_refused() {
         Ok(Acquired::Completed { result, .. }) => assert_eq!(result, winner),
         other => panic!("expected the winner's result, got {other:?}"),
     }
-    assert_eq!(field(&server, &k, "epoch").as_deref(), Some("2"));
+    assert_eq!(raw_record(&server, &k).unwrap().epoch, 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -267,7 +306,7 @@ async fn records_live_as_long_as_they_should() {
         .unwrap();
     let left = pttl(&server, &k);
     assert!((59_000..=60_000).contains(&left), "in-flight PTTL {left}");
-    let lease_until: i64 = field(&server, &k, "lease_until").unwrap().parse().unwrap();
+    let lease_until = raw_record(&server, &k).unwrap().lease_until;
     let lease_left = lease_until - server_now_ms(&server);
     assert!(
         (0..=300).contains(&lease_left),
@@ -337,33 +376,31 @@ async fn corrupt_records_are_errors_not_panics() {
     let fp = print("a");
     let owner = OwnerToken::generate();
 
-    let cases: [(&str, &[&str]); 5] = [
+    // Values that are not records, each under its own key. `header(state, epoch)` is a valid
+    // header for the request's fingerprint.
+    let header = |state: u8, epoch: &[u8; 16]| {
+        let mut value = vec![state];
+        value.extend_from_slice(&fp.0);
+        value.extend_from_slice(&[7; 16]);
+        value.extend_from_slice(epoch);
+        value.extend_from_slice(b"0000000000000001");
+        value
+    };
+    let epoch_one = b"0000000000000001";
+    let cases: [(&str, Vec<u8>); 6] = [
         (
             "garbage result",
-            &["state", "c", "fingerprint", "", "result", "garbage"],
+            [header(b'c', epoch_one), b"garbage".to_vec()].concat(),
         ),
-        ("unknown state", &["state", "x", "fingerprint", ""]),
-        (
-            "no epoch",
-            &["state", "i", "fingerprint", "", "lease_until", "1"],
-        ),
-        ("no result", &["state", "c", "fingerprint", ""]),
-        ("no fingerprint", &["state", "c", "result", "x"]),
+        ("no result", header(b'c', epoch_one)),
+        ("unknown state", header(b'x', epoch_one)),
+        ("no epoch", header(b'i', b"................")),
+        ("epoch zero", header(b'i', b"0000000000000000")),
+        ("truncated", header(b'i', epoch_one)[..40].to_vec()),
     ];
-    let fingerprint_hex = fp.0.map(|byte| format!("{byte:02x}")).concat();
-    for (case, fields) in cases {
+    for (case, value) in cases {
         let k = key(&case.replace(' ', "-"));
-        let mut command = redis::cmd("HSET");
-        command.arg(RedisStore::key_name(&k));
-        for field in fields {
-            // An empty fingerprint field stands for the request's own.
-            command.arg(if field.is_empty() {
-                fingerprint_hex.as_str()
-            } else {
-                field
-            });
-        }
-        let _: i64 = server.query(&command);
+        overwrite(&server, &k, &value);
         let answer = acquire(&store, &k, owner, &fp, LEASE, RETENTION).await;
         assert!(
             matches!(answer, Err(StoreError::Corrupt(_))),
@@ -372,8 +409,13 @@ async fn corrupt_records_are_errors_not_panics() {
     }
 
     // A key of another type: acquire reports it, the owner-only transitions find nothing owned.
-    let k = key("string");
-    let _: () = server.query(redis::cmd("SET").arg(RedisStore::key_name(&k)).arg("x"));
+    let k = key("hash");
+    let _: i64 = server.query(
+        redis::cmd("HSET")
+            .arg(RedisStore::key_name(&k))
+            .arg("a")
+            .arg("b"),
+    );
     let answer = acquire(&store, &k, owner, &fp, LEASE, RETENTION).await;
     assert!(matches!(answer, Err(StoreError::Corrupt(_))), "{answer:?}");
     assert!(!store.renew(&k, owner, LEASE).await.unwrap());
@@ -424,7 +466,7 @@ async fn key_names_hold_no_client_bytes() {
     let fp = print("a");
     let hostile = [
         "\"{evil}\"",
-        "\"idem:v1:{x}\"",
+        "\"idem:v2:{x}\"",
         "\"* ? [ ] \\\\ \\\" \"",
         "evil",
         &"e".repeat(255),
@@ -452,7 +494,7 @@ async fn key_names_hold_no_client_bytes() {
     assert_eq!(keys.len(), hostile.len());
     for name in &keys {
         let digest = name
-            .strip_prefix("idem:v1:{")
+            .strip_prefix("idem:v2:{")
             .and_then(|rest| rest.strip_suffix('}'))
             .unwrap_or_else(|| panic!("unexpected key name {name}"));
         assert_eq!(digest.len(), 64, "{name}");
@@ -562,7 +604,7 @@ async fn a_stalled_redis_times_out_and_the_retried_call_converges() {
     assert!(took < Duration::from_millis(600), "{took:?}");
     // The timed-out command runs once Redis wakes up…
     let deadline = Instant::now() + Duration::from_secs(2);
-    while field(&server, &k, "owner").is_none() {
+    while raw_record(&server, &k).is_none() {
         assert!(Instant::now() < deadline, "the timed-out acquire never ran");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
@@ -941,16 +983,21 @@ async fn round_trips_are_at_the_floor() {
     let a = app(&server, "a", &runs, Duration::from_secs(60)).await;
     let b = app(&server, "b", &runs, Duration::from_secs(60)).await;
 
-    let before = calls(&server);
+    let (before, inner_before) = (calls(&server), inner_calls(&server));
     let first = send(&a, "alice", "rt", "pay 1").await;
     assert_eq!(first.status, StatusCode::CREATED);
-    let after_first = calls(&server);
+    let (after_first, inner_after_first) = (calls(&server), inner_calls(&server));
     assert_eq!(
         after_first.0 - before.0,
         2,
         "first execution: acquire + complete"
     );
     assert_eq!(after_first.1 - before.1, 2, "and no other command");
+    assert_eq!(
+        inner_after_first - inner_before,
+        5,
+        "inside the scripts: GET, TIME, SET to acquire; GET, SET to complete"
+    );
 
     let cached = send(&a, "alice", "rt", "pay 1").await;
     assert!(cached.replayed());
@@ -961,6 +1008,11 @@ async fn round_trips_are_at_the_floor() {
     assert!(remote.replayed());
     assert_eq!(remote.body, first.body);
     let after_remote = calls(&server);
+    assert_eq!(
+        inner_calls(&server) - inner_after_first,
+        2,
+        "inside the acquire script: GET and PTTL"
+    );
     assert_eq!(
         after_remote.0 - after_cached.0,
         1,
@@ -1019,7 +1071,7 @@ async fn the_documented_acl_user_is_enough() {
     let server = RedisServer::start();
     // The rule from `RedisStore`'s "Redis settings" docs.
     let rule = "on >secret resetkeys ~idem:* resetchannels -@all +evalsha +script|load \
-                +hmget +hget +hset +hdel +pexpire +pttl +time +ping";
+                +get +set +pttl +time +ping";
     let _: () = server.query(
         redis::cmd("ACL")
             .arg("SETUSER")
@@ -1050,8 +1102,8 @@ async fn the_documented_acl_user_is_enough() {
     assert!(matches!(replay, Ok(Acquired::Completed { .. })));
     // And nothing else: the user cannot touch other keys.
     let mut connection = redis::Client::open(url).unwrap().get_connection().unwrap();
-    let denied: redis::RedisResult<()> = redis::cmd("HSET")
-        .arg(&["other", "a", "b"])
+    let denied: redis::RedisResult<()> = redis::cmd("SET")
+        .arg(&["other", "a"])
         .query(&mut connection);
     assert!(denied.is_err());
 }

@@ -22,7 +22,7 @@
 //!
 //! The user documentation (layout, settings, failover) is on [`RedisStore`].
 
-use std::fmt::{self, Write as _};
+use std::fmt;
 use std::future::Future;
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
@@ -33,11 +33,15 @@ use ::redis::{Client, IntoConnectionInfo, RedisError, Script, ScriptInvocation, 
 use super::{
     AcquireRequest, Acquired, CompleteRequest, OwnerToken, Store, StoreError, StoreFuture,
 };
-use crate::fingerprint::{Fingerprint, RecordKey};
+use crate::fingerprint::RecordKey;
 use crate::record::{DecodeError, RecordedResult};
 
-/// The prefix of every record's key name. The version changes if the record layout ever does.
-const KEY_PREFIX: &str = "idem:v1:";
+/// The prefix of every record's key name. The version changes when the record layout does (v1
+/// was a hash per record).
+const KEY_PREFIX: &str = "idem:v2:";
+
+/// The length of a record's fixed header; a completed record's encoded result follows it.
+const HEADER_LEN: usize = 81;
 
 /// Durations sent to Redis are capped at about 31 years, so that deadlines computed in the scripts
 /// stay exact integers.
@@ -64,16 +68,27 @@ const MAX_MILLIS: u64 = 1_000_000_000_000;
 ///
 /// # Records
 ///
-/// One hash per record, named `idem:v1:{<64 hex digits>}`: the hex digits are the
+/// One string value per record, named `idem:v2:{<64 hex digits>}`: the hex digits are the
 /// [`RecordKey`] (SHA-256 of the scope and the client's key), so no client byte ever reaches a key
 /// name, and the braces make them the Redis Cluster hash tag, so records spread over every slot.
-/// Fields: `state` (`i` in flight, `c` completed), `owner` (the attempt's token), `epoch`,
-/// `fingerprint`, `lease_until` (milliseconds on the Redis server's clock, in flight only) and
-/// `result` (the [encoded](RecordedResult::encode) response, completed only).
+/// The value is a fixed 81-byte header, then, for a completed record, the
+/// [encoded](RecordedResult::encode) response:
+///
+/// | bytes | field |
+/// |---|---|
+/// | 0 | state: `i` in flight, `r` released (in flight, the lease ended), `c` completed |
+/// | 1–32 | the request's fingerprint (SHA-256, raw) |
+/// | 33–48 | the owner: the token of the attempt that holds (or completed) the record, raw |
+/// | 49–64 | the epoch, 16 decimal digits |
+/// | 65–80 | the lease deadline in milliseconds on the Redis server's clock, 16 decimal digits (zeros once completed) |
+/// | 81– | the encoded response (completed only) |
+///
+/// One value rather than a hash keeps every transition to two or three commands inside its
+/// script (`GET`, then `SET` with the expiry, plus `TIME` where a lease is compared or set).
 ///
 /// An in-flight record lives for the route's ttl (at least its lease), so that a takeover still
 /// sees its epoch and fingerprint; a completed record expires the route's ttl after completion.
-/// `PTTL idem:v1:{…}` shows how long a record has left; `DEL` purges one (with a
+/// `PTTL idem:v2:{…}` shows how long a record has left; `DEL` purges one (with a
 /// [`TieredStore`](super::TieredStore) in front, instances may replay it from memory for up to
 /// [`TieredConfig::max_entry_ttl`](super::TieredConfig::max_entry_ttl) longer).
 ///
@@ -112,7 +127,7 @@ const MAX_MILLIS: u64 = 1_000_000_000_000;
 ///
 ///   ```text
 ///   ACL SETUSER idem on >secret resetkeys ~idem:* resetchannels -@all +evalsha +script|load
-///       +hmget +hget +hset +hdel +pexpire +pttl +time +ping
+///       +get +set +pttl +time +ping
 ///   ```
 ///
 ///   and connect as `redis://idem:secret@host:6379/`. On Redis 7.2 and later also allow
@@ -238,8 +253,8 @@ impl RedisStore {
         Ok(store)
     }
 
-    /// The Redis key name of a record: `idem:v1:{<64 hex digits of the record key>}`. For
-    /// operators and tests (`PTTL`, `DEL`, `HGETALL`).
+    /// The Redis key name of a record: `idem:v2:{<64 hex digits of the record key>}`. For
+    /// operators and tests (`PTTL`, `DEL`, `GET`).
     pub fn key_name(key: &RecordKey) -> String {
         key_name(key)
     }
@@ -361,8 +376,8 @@ where
             let in_flight_ttl = request.retention.max(request.lease);
             let mut invocation = SCRIPTS.acquire.key(key_name(request.key));
             invocation
-                .arg(owner_arg(request.owner))
-                .arg(fingerprint_arg(request.fingerprint))
+                .arg(&request.fingerprint.0[..])
+                .arg(&owner_arg(request.owner)[..])
                 .arg(millis(request.lease))
                 .arg(millis(in_flight_ttl));
             parse_acquired(self.invoke(&invocation).await?)
@@ -377,7 +392,7 @@ where
     ) -> StoreFuture<'a, bool> {
         Box::pin(async move {
             let mut invocation = SCRIPTS.renew.key(key_name(key));
-            invocation.arg(owner_arg(owner)).arg(millis(lease));
+            invocation.arg(&owner_arg(owner)[..]).arg(millis(lease));
             parse_flag(&self.invoke(&invocation).await?)
         })
     }
@@ -386,7 +401,7 @@ where
         Box::pin(async move {
             let mut invocation = SCRIPTS.complete.key(key_name(request.key));
             invocation
-                .arg(owner_arg(request.owner))
+                .arg(&owner_arg(request.owner)[..])
                 .arg(request.result.encode().as_ref())
                 .arg(millis(request.ttl));
             parse_flag(&self.invoke(&invocation).await?)
@@ -396,15 +411,16 @@ where
     fn release<'a>(&'a self, key: &'a RecordKey, owner: OwnerToken) -> StoreFuture<'a, ()> {
         Box::pin(async move {
             let mut invocation = SCRIPTS.release.key(key_name(key));
-            invocation.arg(owner_arg(owner));
+            invocation.arg(&owner_arg(owner)[..]);
             parse_flag(&self.invoke(&invocation).await?).map(drop)
         })
     }
 }
 
 /// The four transitions. Every script is atomic (Redis runs one script at a time), reads the
-/// clock with `TIME` (the server's clock, the same for every instance), and is safe to run twice
-/// with the same owner. Keys: `KEYS[1]`, the record. Numbers are milliseconds.
+/// clock with `TIME` (the server's clock, the same for every instance) when it compares or sets a
+/// lease, and is safe to run twice with the same owner. Keys: `KEYS[1]`, the record; the layout of
+/// its value is in [`RedisStore`]'s docs. Numbers are milliseconds.
 struct Scripts {
     acquire: Script,
     renew: Script,
@@ -433,86 +449,103 @@ macro_rules! server_clock {
     };
 }
 
-/// ARGV: owner, fingerprint, lease, in-flight ttl (>= lease).
-/// Reply: `{1, epoch}` execute, `{2, result, pttl}` completed, `{3}` mismatch,
+/// Lua reading the record into `record` (`false` when absent), returning `$invalid` when the key
+/// holds another type or a value too short to be a record.
+macro_rules! read_record {
+    ($invalid:literal) => {
+        concat!(
+            "local record = redis.pcall('GET', KEYS[1])\n",
+            "if type(record) == 'table' or (record and #record < 81) then return ",
+            $invalid,
+            " end\n"
+        )
+    };
+}
+
+/// Lua writing `value` with the record's remaining time to live, raised to at least the lease
+/// (ARGV index `$lease`) so that a lease never outlives its record.
+macro_rules! set_keeping_ttl {
+    ($lease:literal) => {
+        concat!(
+            "local ttl = redis.call('PTTL', KEYS[1])\n",
+            "if ttl >= 0 and ttl < tonumber(ARGV[",
+            $lease,
+            "]) then\n",
+            "  redis.call('SET', KEYS[1], value, 'PX', ARGV[",
+            $lease,
+            "])\n",
+            "else\n",
+            "  redis.call('SET', KEYS[1], value, 'KEEPTTL')\n",
+            "end\n"
+        )
+    };
+}
+
+/// ARGV: fingerprint, owner, lease, in-flight ttl (>= lease).
+/// Reply: `{1, epoch}` execute, `{2, record, pttl}` completed, `{3}` mismatch,
 /// `{4, lease_left}` in flight, `{0, reason}` not a valid record.
 const ACQUIRE: &str = concat!(
-    r"
-local key, owner, fingerprint = KEYS[1], ARGV[1], ARGV[2]
-local lease = tonumber(ARGV[3])
-local record = redis.pcall('HMGET', key, 'state', 'owner', 'epoch', 'fingerprint', 'lease_until')
-if record.err then return {0, 'not a hash'} end
-",
+    read_record!("{0, 'not a record'}"),
+    "local fingerprint, owner, lease = ARGV[1], ARGV[2], tonumber(ARGV[3])\n",
+    "if not record then\n",
     server_clock!(),
-    r"local state = record[1]
-if not state then
-  redis.call('HSET', key, 'state', 'i', 'owner', owner, 'epoch', '1', 'fingerprint', fingerprint,
-    'lease_until', string.format('%d', now + lease))
-  redis.call('PEXPIRE', key, ARGV[4])
+    r"  local value = 'i' .. fingerprint .. owner .. string.format('%016d%016d', 1, now + lease)
+  redis.call('SET', KEYS[1], value, 'PX', ARGV[4])
   return {1, 1}
 end
-if not record[4] then return {0, 'no fingerprint'} end
-if record[4] ~= fingerprint then return {3} end
-if state == 'c' then
-  local result = redis.call('HGET', key, 'result')
-  if not result then return {0, 'no result'} end
-  return {2, result, redis.call('PTTL', key)}
-end
-if state ~= 'i' then return {0, 'unknown state'} end
-local epoch, lease_until = tonumber(record[3]), tonumber(record[5])
-if not epoch or not lease_until then return {0, 'malformed in-flight record'} end
-if record[2] == owner then return {1, epoch} end
-if lease_until > now then return {4, lease_until - now} end
+if string.sub(record, 2, 33) ~= fingerprint then return {3} end
+local state = string.sub(record, 1, 1)
+if state == 'c' then return {2, record, redis.call('PTTL', KEYS[1])} end
+if state ~= 'i' and state ~= 'r' then return {0, 'unknown state'} end
+local epoch = tonumber(string.sub(record, 50, 65))
+local lease_until = tonumber(string.sub(record, 66, 81))
+if not epoch or not lease_until or epoch < 1 then return {0, 'malformed in-flight record'} end
+if state == 'i' and string.sub(record, 34, 49) == owner then return {1, epoch} end
+",
+    server_clock!(),
+    r"if state == 'i' and lease_until > now then return {4, lease_until - now} end
 epoch = epoch + 1
-redis.call('HSET', key, 'owner', owner, 'epoch', string.format('%d', epoch),
-  'lease_until', string.format('%d', now + lease))
-local ttl = redis.call('PTTL', key)
-if ttl >= 0 and ttl < lease then redis.call('PEXPIRE', key, ARGV[3]) end
-return {1, epoch}
-"
+local value = 'i' .. fingerprint .. owner .. string.format('%016d%016d', epoch, now + lease)
+",
+    set_keeping_ttl!("3"),
+    "return {1, epoch}\n"
 );
 
 /// ARGV: owner, lease. Reply: 1 renewed, 0 not the owner.
 const RENEW: &str = concat!(
-    r"
-local key, owner = KEYS[1], ARGV[1]
-local lease = tonumber(ARGV[2])
-local record = redis.pcall('HMGET', key, 'state', 'owner')
-if record.err or record[1] ~= 'i' or record[2] ~= owner then return 0 end
+    read_record!("0"),
+    r"if not record or string.sub(record, 1, 1) ~= 'i' or string.sub(record, 34, 49) ~= ARGV[1] then
+  return 0
+end
 ",
     server_clock!(),
-    r"redis.call('HSET', key, 'lease_until', string.format('%d', now + lease))
-local ttl = redis.call('PTTL', key)
-if ttl >= 0 and ttl < lease then redis.call('PEXPIRE', key, ARGV[2]) end
+    "local value = string.sub(record, 1, 65) .. string.format('%016d', now + tonumber(ARGV[2]))\n",
+    set_keeping_ttl!("2"),
+    "return 1\n"
+);
+
+/// ARGV: owner, encoded result, ttl. Reply: 1 recorded (now or by an earlier run of the same
+/// call), 0 not the owner. The owner stays in the record so that a repeated call converges.
+const COMPLETE: &str = concat!(
+    read_record!("0"),
+    r"if not record or string.sub(record, 34, 49) ~= ARGV[1] then return 0 end
+local state = string.sub(record, 1, 1)
+if state == 'c' then return 1 end
+if state ~= 'i' then return 0 end
+local value = 'c' .. string.sub(record, 2, 65) .. '0000000000000000' .. ARGV[2]
+redis.call('SET', KEYS[1], value, 'PX', ARGV[3])
 return 1
 "
 );
 
-/// ARGV: owner, encoded result, ttl. Reply: 1 recorded (now or by an earlier run of the same
-/// call), 0 not the owner. The owner token stays in the record so that a repeated call converges.
-const COMPLETE: &str = r"
-local key, owner = KEYS[1], ARGV[1]
-local record = redis.pcall('HMGET', key, 'state', 'owner')
-if record.err or record[2] ~= owner then return 0 end
-if record[1] == 'c' then return 1 end
-if record[1] ~= 'i' then return 0 end
-redis.call('HSET', key, 'state', 'c', 'result', ARGV[2])
-redis.call('HDEL', key, 'lease_until')
-redis.call('PEXPIRE', key, ARGV[3])
-return 1
-";
-
-/// ARGV: owner. Ends the lease now and forgets the owner; the record and its epoch stay.
-/// Reply: 1 released, 0 not the owner.
+/// ARGV: owner. Ends the lease now (state `r`); the record and its epoch stay, so the next
+/// acquire takes over with the next epoch. Reply: 1 released, 0 not the owner.
 const RELEASE: &str = concat!(
-    r"
-local key, owner = KEYS[1], ARGV[1]
-local record = redis.pcall('HMGET', key, 'state', 'owner')
-if record.err or record[1] ~= 'i' or record[2] ~= owner then return 0 end
-",
-    server_clock!(),
-    r"redis.call('HSET', key, 'lease_until', string.format('%d', now))
-redis.call('HDEL', key, 'owner')
+    read_record!("0"),
+    r"if not record or string.sub(record, 1, 1) ~= 'i' or string.sub(record, 34, 49) ~= ARGV[1] then
+  return 0
+end
+redis.call('SET', KEYS[1], 'r' .. string.sub(record, 2), 'KEEPTTL')
 return 1
 "
 );
@@ -521,16 +554,8 @@ fn key_name(key: &RecordKey) -> String {
     format!("{KEY_PREFIX}{{{}}}", key.to_hex())
 }
 
-fn owner_arg(owner: OwnerToken) -> String {
-    format!("{:032x}", owner.0)
-}
-
-fn fingerprint_arg(fingerprint: &Fingerprint) -> String {
-    let mut out = String::with_capacity(64);
-    for byte in fingerprint.0 {
-        let _ = write!(out, "{byte:02x}");
-    }
-    out
+fn owner_arg(owner: OwnerToken) -> [u8; 16] {
+    owner.0.to_be_bytes()
 }
 
 /// Whole milliseconds, at least 1 (Redis deletes a key given a zero expiry) and at most
@@ -560,18 +585,21 @@ fn parse_acquired(reply: Value) -> Result<Acquired, StoreError> {
             Ok(epoch) if epoch >= 1 => Ok(Acquired::Execute { epoch }),
             _ => Err(corrupt("invalid epoch")),
         },
-        [Value::Int(2), Value::BulkString(result), Value::Int(ttl)] => Ok(Acquired::Completed {
-            result: Arc::new(RecordedResult::decode(result)?),
-            ttl_left: duration_ms(*ttl),
-        }),
+        [Value::Int(2), Value::BulkString(record), Value::Int(ttl)] => {
+            let result = record
+                .get(HEADER_LEN..)
+                .ok_or_else(|| corrupt("completed record without a result"))?;
+            Ok(Acquired::Completed {
+                result: Arc::new(RecordedResult::decode(result)?),
+                ttl_left: duration_ms(*ttl),
+            })
+        }
         [Value::Int(3)] => Ok(Acquired::Mismatch),
         [Value::Int(4), Value::Int(left)] => Ok(Acquired::InFlight {
             lease_left: duration_ms(*left),
         }),
         [Value::Int(0), Value::BulkString(reason)] => Err(corrupt(match reason.as_slice() {
-            b"not a hash" => "the record key holds another type",
-            b"no fingerprint" => "record without a fingerprint",
-            b"no result" => "completed record without a result",
+            b"not a record" => "the record key holds another type or a truncated value",
             b"unknown state" => "record in an unknown state",
             _ => "malformed in-flight record",
         })),
@@ -615,14 +643,15 @@ mod tests {
     fn key_names_are_fixed_length_and_hash_tagged() {
         let key = RecordKey([0xab; 32]);
         let name = key_name(&key);
-        assert_eq!(name, format!("idem:v1:{{{}}}", "ab".repeat(32)));
+        assert_eq!(name, format!("idem:v2:{{{}}}", "ab".repeat(32)));
         assert_eq!(name.len(), KEY_PREFIX.len() + 2 + 64);
     }
 
     #[test]
     fn arguments() {
-        assert_eq!(owner_arg(OwnerToken(1)), format!("{}1", "0".repeat(31)));
-        assert_eq!(fingerprint_arg(&Fingerprint([0x0f; 32])), "0f".repeat(32));
+        let mut one = [0; 16];
+        one[15] = 1;
+        assert_eq!(owner_arg(OwnerToken(1)), one);
         assert_eq!(millis(Duration::ZERO), 1);
         assert_eq!(millis(Duration::from_micros(1500)), 1);
         assert_eq!(millis(Duration::from_secs(2)), 2000);
@@ -637,7 +666,8 @@ mod tests {
             Ok(Acquired::Execute { epoch: 3 })
         ));
         let stored = RecordedResult::TooLarge;
-        let completed = Value::Array(vec![Value::Int(2), bulk(&stored.encode()), Value::Int(-1)]);
+        let record = [&[b'c'; HEADER_LEN][..], &stored.encode()].concat();
+        let completed = Value::Array(vec![Value::Int(2), bulk(&record), Value::Int(-1)]);
         match parse_acquired(completed) {
             Ok(Acquired::Completed { result, ttl_left }) => {
                 assert_eq!(*result, stored);
@@ -652,7 +682,12 @@ mod tests {
             Value::Array(vec![Value::Int(1), Value::Int(0)]),
             Value::Array(vec![Value::Int(1), Value::Int(-4)]),
             Value::Array(vec![Value::Int(2), bulk(b"garbage"), Value::Int(10)]),
-            Value::Array(vec![Value::Int(0), bulk(b"not a hash")]),
+            Value::Array(vec![
+                Value::Int(2),
+                bulk(&[b'c'; HEADER_LEN + 3]),
+                Value::Int(10),
+            ]),
+            Value::Array(vec![Value::Int(0), bulk(b"not a record")]),
             Value::Array(vec![Value::Int(9)]),
         ] {
             assert!(
