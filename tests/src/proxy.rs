@@ -144,8 +144,8 @@ impl Proxy {
     }
 
     /// Breaks every connection open now with a TCP reset (both the client's and the upstream
-    /// side); bytes held or delayed on them are dropped. Connections accepted afterwards are not
-    /// affected.
+    /// side); bytes held or delayed on them are dropped, and no byte is forwarded on them after
+    /// this call. Connections accepted afterwards are not affected.
     pub fn reset_connections(&self) {
         self.shared.resets.send_modify(|resets| *resets += 1);
     }
@@ -235,9 +235,12 @@ async fn forward(
             shared.mode.subscribe(),
             Direction::ToClient,
         );
+        // Reset first: once `reset_connections` returns, no further byte of this connection is
+        // forwarded, even one that arrives in the same wake-up.
         tokio::select! {
-            _ = async { tokio::join!(to_server, to_client) } => false,
+            biased;
             _ = resets.changed() => true,
+            _ = async { tokio::join!(to_server, to_client) } => false,
         }
     };
     if reset {
