@@ -197,7 +197,7 @@ async fn accept_loop(listener: TcpListener, upstream: SocketAddr, shared: Arc<Sh
         if *shared.mode.borrow() == Mode::Refuse {
             shared.refused.fetch_add(1, Ordering::SeqCst);
             // SO_LINGER 0: the close is a reset, like a refused connection, not an orderly end.
-            let _ = client.set_zero_linger();
+            abort_on_close(&client);
             drop(client);
             continue;
         }
@@ -205,6 +205,14 @@ async fn accept_loop(listener: TcpListener, upstream: SocketAddr, shared: Arc<Sh
         let resets = shared.resets.subscribe();
         connections.spawn(forward(client, upstream, Arc::clone(&shared), resets));
     }
+}
+
+/// Makes closing `stream` a TCP reset (`SO_LINGER` 0) rather than an orderly end. A zero linger
+/// never blocks; `set_linger` is used instead of `set_zero_linger` (tokio 1.50) so the workspace's
+/// minimum tokio (1.47) still builds.
+fn abort_on_close(stream: &TcpStream) {
+    #[allow(deprecated)]
+    let _ = stream.set_linger(Some(Duration::ZERO));
 }
 
 /// Forwards one connection in both directions until both ends close, or resets it.
@@ -215,7 +223,7 @@ async fn forward(
     mut resets: watch::Receiver<u64>,
 ) {
     let Ok(mut server) = TcpStream::connect(upstream).await else {
-        let _ = client.set_zero_linger();
+        abort_on_close(&client);
         return;
     };
     let _ = client.set_nodelay(true);
@@ -244,8 +252,8 @@ async fn forward(
         }
     };
     if reset {
-        let _ = client.set_zero_linger();
-        let _ = server.set_zero_linger();
+        abort_on_close(&client);
+        abort_on_close(&server);
     }
 }
 
