@@ -2,6 +2,7 @@
 //! what they share.
 
 pub mod process;
+pub mod proxy;
 pub mod redis;
 
 pub mod support;

@@ -1,0 +1,517 @@
+//! Issue 4's fault suite, part 1: faults between in-process app instances and a real
+//! `redis-server` (started per test), injected with [`Proxy`] (refused, black-holed, slow or reset
+//! connections), signals to Redis (`SIGSTOP`/`SIGCONT`) and Redis's own limits (`maxmemory`).
+//!
+//! Each test counts handler executions with a [`Ledger`] shared by every instance, checks the
+//! statuses and problem types clients see, bounds the time to answer (generously: "within 3 s"),
+//! and checks that no key stays blocked past its lease. The table of what each fault does is
+//! `docs/FAILURE_MODES.md`. Process-level faults (instances killed, paused, stopped) are in
+//! `faults_instances.rs`.
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::extract::State;
+use axum::routing::post;
+use http::StatusCode;
+use idem_runtime::fingerprint::{RecordKey, Scope};
+use idem_runtime::key::IdempotencyKey;
+use idem_runtime::store::{RedisConfig, RedisStore, TieredStore};
+use idem_runtime::{Idempotency, IdempotencyContext, idempotent};
+use idem_tests::proxy::{Mode, Proxy};
+use idem_tests::redis::RedisServer;
+use idem_tests::support::{
+    IDEMPOTENCY_KEY, Ledger, Reply, Server, connect_and_write, http1_request, keyed, send,
+    wait_idle, within,
+};
+
+/// Each Redis command's budget in these tests (the default is 1 s).
+const COMMAND_TIMEOUT: Duration = Duration::from_millis(300);
+/// The bound on "answered quickly": ten command budgets, so a loaded machine never trips it,
+/// while a hang (waiting for Redis indefinitely) always does.
+const QUICKLY: Duration = Duration::from_secs(3);
+
+#[idempotent(required = true)]
+async fn pay(
+    context: IdempotencyContext,
+    State(ledger): State<Ledger>,
+    body: String,
+) -> (StatusCode, String) {
+    let run = ledger.run().await;
+    let epoch = context.epoch().unwrap_or(0);
+    (
+        StatusCode::CREATED,
+        format!("run {run} epoch {epoch}: {body}"),
+    )
+}
+
+/// Panics on the ledger's first execution.
+#[idempotent(required = true)]
+async fn panics_once(
+    context: IdempotencyContext,
+    State(ledger): State<Ledger>,
+    body: String,
+) -> String {
+    let run = ledger.run().await;
+    assert!(run > 1, "the first execution panics");
+    let epoch = context.epoch().unwrap_or(0);
+    format!("run {run} epoch {epoch}: {body}")
+}
+
+/// 10 KiB, over the instances' 1 KiB recording limit.
+#[idempotent(required = true)]
+async fn large(State(ledger): State<Ledger>, _body: String) -> Vec<u8> {
+    ledger.run().await;
+    vec![b'x'; 10 * 1024]
+}
+
+/// One app instance: a runtime over `TieredStore<RedisStore>` and its router.
+struct Instance {
+    idem: Idempotency,
+    router: Router,
+}
+
+impl Instance {
+    /// An instance over the Redis at `url` (a [`Proxy`] or the server itself) with `lease`,
+    /// 300 ms command budgets and a 1 KiB recording limit, counting executions in `ledger`.
+    async fn start(url: &str, ledger: &Ledger, lease: Duration) -> Self {
+        let config = RedisConfig::new()
+            .response_timeout(COMMAND_TIMEOUT)
+            .connect_timeout(COMMAND_TIMEOUT);
+        let redis = RedisStore::connect(url, config)
+            .await
+            .unwrap_or_else(|error| panic!("cannot connect to {url}: {error}"));
+        let idem = Idempotency::builder()
+            .store(TieredStore::new(redis))
+            .lease(lease)
+            .max_response_bytes(1024)
+            .build();
+        let router = Router::new()
+            .route("/pay", post(pay))
+            .route("/panics", post(panics_once))
+            .route("/large", post(large))
+            .with_state(ledger.clone())
+            .layer(idem.layer());
+        Self { idem, router }
+    }
+
+    async fn pay(&self, key: &str, body: &str) -> Reply {
+        send(&self.router, keyed("POST", "/pay", key, body.to_owned())).await
+    }
+
+    fn spawn_pay(&self, key: &str, body: &str) -> tokio::task::JoinHandle<Reply> {
+        let router = self.router.clone();
+        let request = keyed("POST", "/pay", key, body.to_owned());
+        tokio::spawn(async move { send(&router, request).await })
+    }
+
+    /// Retries `POST /pay` while it is `409 request-in-progress`, for at most `budget`; returns
+    /// the first other answer and how many 409s came before it.
+    async fn pay_until_not_in_progress(
+        &self,
+        key: &str,
+        body: &str,
+        budget: Duration,
+    ) -> (Reply, usize) {
+        let since = Instant::now();
+        let mut conflicts = 0;
+        loop {
+            let reply = self.pay(key, body).await;
+            if reply.status != StatusCode::CONFLICT {
+                return (reply, conflicts);
+            }
+            reply.assert_problem(409, "request-in-progress");
+            conflicts += 1;
+            assert!(
+                since.elapsed() < budget,
+                "key {key:?} still in progress after {budget:?}: stuck beyond its lease"
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+}
+
+/// Redis with a proxy in front of it.
+async fn redis_behind_proxy() -> (RedisServer, Proxy) {
+    let server = RedisServer::start();
+    let proxy = Proxy::start(([127, 0, 0, 1], server.port()).into()).await;
+    (server, proxy)
+}
+
+/// Awaits `future`, failing if it takes longer than `bound` (or hangs).
+async fn answered_within<F: Future>(what: &str, bound: Duration, future: F) -> F::Output {
+    let started = Instant::now();
+    let output = within(what, future).await;
+    let took = started.elapsed();
+    assert!(took < bound, "{what} took {took:?}, more than {bound:?}");
+    output
+}
+
+/// Whether the record of unscoped client key `key` exists in Redis.
+fn record_exists(server: &RedisServer, key: &str) -> bool {
+    let key = IdempotencyKey::parse_bytes(key.as_bytes()).expect("a valid key");
+    let name = RedisStore::key_name(&RecordKey::new(&Scope::NONE, &key));
+    server.query(redis::cmd("EXISTS").arg(name))
+}
+
+#[track_caller]
+fn assert_created(reply: &Reply, text: &str, replayed: bool) {
+    assert_eq!(reply.status, StatusCode::CREATED, "{reply:?}");
+    assert_eq!(reply.text(), text);
+    assert_eq!(reply.replayed(), replayed, "replayed? {reply:?}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. Redis unreachable after the handler ran
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_unreachable_after_the_handler_ran_the_result_lands_when_it_returns_within_the_lease()
+{
+    const LEASE: Duration = Duration::from_millis(800);
+    let (server, proxy) = redis_behind_proxy().await;
+    let ledger = Ledger::gated();
+    let a = Instance::start(&proxy.url(), &ledger, LEASE).await;
+    let b = Instance::start(&server.url(), &ledger, LEASE).await;
+
+    let first = a.spawn_pay("k", "pay 1");
+    ledger.wait_started(1).await;
+    proxy.cut();
+    ledger.open();
+    let first = answered_within("the first answer with Redis unreachable", QUICKLY, first)
+        .await
+        .unwrap();
+    assert_created(&first, "run 1 epoch 1: pay 1", false);
+
+    // Redis is back well within the lease: the result, kept by the instance, lands.
+    proxy.set_mode(Mode::PassThrough);
+    let (replay, _) = b
+        .pay_until_not_in_progress("k", "pay 1", LEASE + QUICKLY)
+        .await;
+    assert_created(&replay, first.text(), true);
+    assert_created(&a.pay("k", "pay 1").await, first.text(), true);
+    assert_eq!(ledger.runs(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_unreachable_for_longer_than_the_lease_loses_the_result_and_a_retry_runs_with_epoch_2()
+ {
+    const LEASE: Duration = Duration::from_millis(500);
+    let (server, proxy) = redis_behind_proxy().await;
+    let ledger = Ledger::gated();
+    let a = Instance::start(&proxy.url(), &ledger, LEASE).await;
+    let b = Instance::start(&server.url(), &ledger, LEASE).await;
+
+    let first = a.spawn_pay("k", "pay 1");
+    ledger.wait_started(1).await;
+    proxy.cut();
+    ledger.open();
+    let first = answered_within("the first answer with Redis unreachable", QUICKLY, first)
+        .await
+        .unwrap();
+    assert_created(&first, "run 1 epoch 1: pay 1", false);
+
+    // The outage outlasts the lease, and the instance's background attempts to record (which
+    // stop when a lease would have ended): the result is lost.
+    tokio::time::sleep(3 * LEASE).await;
+    proxy.set_mode(Mode::PassThrough);
+    wait_idle(&a.idem).await;
+    let retry = b.pay("k", "pay 1").await;
+    assert_created(&retry, "run 2 epoch 2: pay 1", false);
+    assert_eq!(
+        ledger.runs(),
+        2,
+        "the documented duplicate: the handler ran again"
+    );
+    // From then on the key is settled, on both instances.
+    assert_created(&a.pay("k", "pay 1").await, retry.text(), true);
+    assert_created(&b.pay("k", "pay 1").await, retry.text(), true);
+    assert_eq!(ledger.runs(), 2);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. Redis slower than the command timeout
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_slower_than_the_timeout_during_acquire_is_a_quick_503_and_no_self_409_after() {
+    const LEASE: Duration = Duration::from_millis(800);
+    let (server, proxy) = redis_behind_proxy().await;
+    let ledger = Ledger::new();
+    let a = Instance::start(&proxy.url(), &ledger, LEASE).await;
+
+    proxy.set_mode(Mode::latency(2 * COMMAND_TIMEOUT));
+    let slow = answered_within("the answer with Redis slow", QUICKLY, a.pay("k", "pay 1")).await;
+    slow.assert_problem(503, "store-unavailable");
+    assert!(slow.retry_after() >= 1);
+    assert_eq!(ledger.runs(), 0, "the handler did not run");
+
+    // The timed-out acquire still reaches Redis, late: wait for it to land.
+    proxy.set_mode(Mode::PassThrough);
+    within("the late acquire to reach Redis", async {
+        while !record_exists(&server, "k") {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    // The client retries (within the abandoned attempt's lease).
+    let (retry, self_conflicts) = a
+        .pay_until_not_in_progress("k", "pay 1", LEASE + QUICKLY)
+        .await;
+    // Never stuck beyond the lease; the takeover of the abandoned attempt is epoch 2.
+    assert_created(&retry, "run 1 epoch 2: pay 1", false);
+    assert_eq!(ledger.runs(), 1);
+    assert_eq!(
+        self_conflicts, 0,
+        "self-409: the acquire that timed out (the client got 503) landed late and left an \
+         in-flight record nobody runs; the client's own retry got `409 request-in-progress` until \
+         that lease expired (the runtime does not release a record whose acquire timed out)"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_slower_than_the_timeout_during_complete_still_answers_and_the_retry_replays() {
+    const LEASE: Duration = Duration::from_millis(800);
+    let (server, proxy) = redis_behind_proxy().await;
+    let ledger = Ledger::gated();
+    let a = Instance::start(&proxy.url(), &ledger, LEASE).await;
+    let b = Instance::start(&server.url(), &ledger, LEASE).await;
+
+    let first = a.spawn_pay("k", "pay 1");
+    ledger.wait_started(1).await;
+    let latency = 2 * COMMAND_TIMEOUT;
+    proxy.set_mode(Mode::latency(latency));
+    ledger.open();
+    let first = answered_within("the first answer with Redis slow", QUICKLY, first)
+        .await
+        .unwrap();
+    assert_created(&first, "run 1 epoch 1: pay 1", false);
+
+    // Latency gone, and the commands delayed by it delivered.
+    proxy.set_mode(Mode::PassThrough);
+    tokio::time::sleep(2 * latency).await;
+    let (replay, conflicts) = b
+        .pay_until_not_in_progress("k", "pay 1", LEASE + QUICKLY)
+        .await;
+    assert_eq!(conflicts, 0, "no 409 once Redis answers again");
+    assert_created(&replay, first.text(), true);
+    assert_created(&a.pay("k", "pay 1").await, first.text(), true);
+    assert_eq!(ledger.runs(), 1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. Redis paused (SIGSTOP) while a handler runs
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_paused_shorter_than_the_lease_the_handler_keeps_its_key_and_records_once() {
+    const LEASE: Duration = Duration::from_millis(1200);
+    let server = RedisServer::start();
+    let ledger = Ledger::gated();
+    let a = Instance::start(&server.url(), &ledger, LEASE).await;
+    let b = Instance::start(&server.url(), &ledger, LEASE).await;
+
+    let first = a.spawn_pay("k", "pay 1");
+    ledger.wait_started(1).await;
+    let paused = Instant::now();
+    server.pause();
+    // A duplicate meanwhile cannot learn anything: 503, and it does not run.
+    let duplicate = answered_within(
+        "a duplicate with Redis paused",
+        QUICKLY,
+        b.pay("k", "pay 1"),
+    )
+    .await;
+    duplicate.assert_problem(503, "store-unavailable");
+    // A third of the lease, plus the duplicate's budget: at least one renewal fails.
+    tokio::time::sleep((LEASE / 3).saturating_sub(paused.elapsed())).await;
+    server.resume();
+
+    // The lease held: a duplicate is still told the first is in progress.
+    b.pay("k", "pay 1")
+        .await
+        .assert_problem(409, "request-in-progress");
+    ledger.open();
+    let first = answered_within("the first answer", QUICKLY, first)
+        .await
+        .unwrap();
+    assert_created(&first, "run 1 epoch 1: pay 1", false);
+    let (replay, _) = b.pay_until_not_in_progress("k", "pay 1", QUICKLY).await;
+    assert_created(&replay, first.text(), true);
+    assert_eq!(ledger.runs(), 1, "duplicates never ran");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_paused_longer_than_the_lease_nobody_takes_over_and_the_owner_still_records() {
+    const LEASE: Duration = Duration::from_millis(600);
+    let server = RedisServer::start();
+    let ledger = Ledger::gated();
+    let a = Instance::start(&server.url(), &ledger, LEASE).await;
+    let b = Instance::start(&server.url(), &ledger, LEASE).await;
+
+    let first = a.spawn_pay("k", "pay 1");
+    ledger.wait_started(1).await;
+    server.pause();
+    // Requests meanwhile (another key, so that their late acquire cannot race the owner's
+    // renewals when Redis resumes) are 503 in bounded time.
+    let probe = answered_within("a request with Redis paused", QUICKLY, b.pay("probe", "x")).await;
+    probe.assert_problem(503, "store-unavailable");
+    tokio::time::sleep(3 * LEASE).await;
+    server.resume();
+
+    // While Redis was stopped nobody could take over; the owner's renewals (queued during the
+    // pause, then its next heartbeat) renew the lease again: renewals check ownership, not the
+    // clock. So a duplicate is still refused, and the owner records.
+    tokio::time::sleep(LEASE).await;
+    b.pay("k", "pay 1")
+        .await
+        .assert_problem(409, "request-in-progress");
+    ledger.open();
+    let first = answered_within("the first answer", QUICKLY, first)
+        .await
+        .unwrap();
+    assert_created(&first, "run 1 epoch 1: pay 1", false);
+    let (replay, _) = b.pay_until_not_in_progress("k", "pay 1", QUICKLY).await;
+    assert_created(&replay, first.text(), true);
+    assert_eq!(ledger.runs(), 1);
+
+    // The probe's key is not stuck beyond a lease either. Its timed-out acquire ran when Redis
+    // resumed (epoch 1, an attempt nobody runs), so the retry is epoch 2.
+    let (probe, _) = b
+        .pay_until_not_in_progress("probe", "x", LEASE + QUICKLY)
+        .await;
+    assert_created(&probe, "run 2 epoch 2: x", false);
+    assert_eq!(ledger.runs(), 2);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 7. Client disconnect mid-handler, 8. handler panic, 9. oversized response: over Redis
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_redis_a_client_disconnect_does_not_cancel_the_handler_and_another_instance_replays() {
+    let server = RedisServer::start();
+    let ledger = Ledger::gated();
+    let a = Instance::start(&server.url(), &ledger, Duration::from_millis(800)).await;
+    let b = Instance::start(&server.url(), &ledger, Duration::from_millis(800)).await;
+    let http = Server::start(a.router.clone()).await;
+    let request = http1_request(
+        "POST",
+        "/pay",
+        &[(IDEMPOTENCY_KEY, "gone"), ("content-type", "text/plain")],
+        b"pay 7",
+    );
+    let client = connect_and_write(http.addr, &request).await;
+    ledger.wait_started(1).await;
+    drop(client);
+    // Let hyper notice the closed connection and drop the request's future.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(a.idem.running(), 1, "the handler is still running");
+    ledger.open();
+    ledger.wait_finished(1).await;
+    wait_idle(&a.idem).await;
+
+    assert_created(&b.pay("gone", "pay 7").await, "run 1 epoch 1: pay 7", true);
+    assert_eq!(ledger.runs(), 1);
+    http.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_redis_a_panicking_handler_is_a_500_and_the_retry_runs_at_once() {
+    let server = RedisServer::start();
+    let ledger = Ledger::new();
+    // A long lease: only the release can free the key in time.
+    let a = Instance::start(&server.url(), &ledger, Duration::from_secs(30)).await;
+    let b = Instance::start(&server.url(), &ledger, Duration::from_secs(30)).await;
+
+    let panicked = send(&a.router, keyed("POST", "/panics", "p", "x")).await;
+    panicked.assert_problem(500, "handler-panicked");
+    let retry = answered_within(
+        "the retry",
+        QUICKLY,
+        send(&b.router, keyed("POST", "/panics", "p", "x")),
+    )
+    .await;
+    assert_eq!(retry.status, StatusCode::OK, "{retry:?}");
+    assert_eq!(retry.text(), "run 2 epoch 2: x", "released, not stuck");
+    assert!(!retry.replayed());
+    let replay = send(&a.router, keyed("POST", "/panics", "p", "x")).await;
+    assert!(replay.replayed());
+    assert_eq!(replay.body, retry.body);
+    assert_eq!(ledger.runs(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_redis_a_response_over_the_limit_reaches_its_client_and_duplicates_get_409() {
+    let server = RedisServer::start();
+    let ledger = Ledger::new();
+    let a = Instance::start(&server.url(), &ledger, Duration::from_millis(800)).await;
+    let b = Instance::start(&server.url(), &ledger, Duration::from_millis(800)).await;
+
+    let first = send(&a.router, keyed("POST", "/large", "big", "x")).await;
+    assert_eq!(first.status, StatusCode::OK);
+    assert_eq!(
+        first.body.len(),
+        10 * 1024,
+        "the first client gets it whole"
+    );
+    assert!(first.body.iter().all(|byte| *byte == b'x'));
+    for instance in [&a, &b, &a, &b] {
+        send(&instance.router, keyed("POST", "/large", "big", "x"))
+            .await
+            .assert_problem(409, "result-unavailable");
+    }
+    assert_eq!(ledger.runs(), 1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 10. Redis out of memory
+
+fn set_maxmemory(server: &RedisServer, bytes: &str) {
+    let _: () = server.query(redis::cmd("CONFIG").arg("SET").arg("maxmemory").arg(bytes));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_out_of_memory_is_a_503_that_writes_nothing_and_a_lost_completion_lands_after() {
+    const LEASE: Duration = Duration::from_millis(1500);
+    let server = RedisServer::start();
+    let _: () = server.query(
+        redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("maxmemory-policy")
+            .arg("noeviction"),
+    );
+    let ledger = Ledger::gated();
+    let a = Instance::start(&server.url(), &ledger, LEASE).await;
+    let b = Instance::start(&server.url(), &ledger, LEASE).await;
+
+    // Before the handler: refused, quickly, and nothing written.
+    set_maxmemory(&server, "1");
+    let full = answered_within("the answer with Redis full", QUICKLY, a.pay("oom", "x")).await;
+    full.assert_problem(503, "store-unavailable");
+    assert!(full.retry_after() >= 1);
+    assert!(!record_exists(&server, "oom"), "nothing half-written");
+    assert_eq!(ledger.runs(), 0);
+    set_maxmemory(&server, "0");
+    ledger.open();
+    let recovered = a.pay("oom", "x").await;
+    assert_created(&recovered, "run 1 epoch 1: x", false);
+    assert_created(&b.pay("oom", "x").await, recovered.text(), true);
+
+    // After the handler: the client gets its answer, and the result lands once memory is back
+    // (within the lease).
+    let ledger_gate = Ledger::gated();
+    let c = Instance::start(&server.url(), &ledger_gate, LEASE).await;
+    let d = Instance::start(&server.url(), &ledger_gate, LEASE).await;
+    let first = c.spawn_pay("late", "y");
+    ledger_gate.wait_started(1).await;
+    set_maxmemory(&server, "1");
+    ledger_gate.open();
+    let first = answered_within("the first answer with Redis full", QUICKLY, first)
+        .await
+        .unwrap();
+    assert_created(&first, "run 1 epoch 1: y", false);
+    set_maxmemory(&server, "0");
+    let (replay, _) = d
+        .pay_until_not_in_progress("late", "y", LEASE + QUICKLY)
+        .await;
+    assert_created(&replay, first.text(), true);
+    assert_eq!(ledger_gate.runs(), 1);
+}
