@@ -153,6 +153,7 @@ where
                 }
             }
             Err(error) if runtime.fail_open => {
+                abandon(runtime, record, owner, &error);
                 outcome("unprotected");
                 tracing::warn!(%error, "idempotency store unavailable: running the handler unprotected (fail-open)");
                 let mut response = handler.await.into_response();
@@ -162,7 +163,10 @@ where
                 );
                 return response;
             }
-            Err(error) => return store_unavailable(&error, &problem),
+            Err(error) => {
+                abandon(runtime, record, owner, &error);
+                return store_unavailable(&error, &problem);
+            }
         }
     };
 
@@ -410,6 +414,28 @@ impl LeaseHolder {
             context.lose_lease();
         }
     }
+}
+
+/// After an acquire that timed out: the command may still run when the store catches up, and
+/// would then hold the key for an attempt nobody runs, so the client's own retry would get `409`
+/// for a whole lease. A release with the same owner, sent now, runs after it (commands on one
+/// connection run in order) and frees the key; if the acquire never ran, it finds nothing to do.
+/// One attempt, plus one more if the connection failed, so an outage does not multiply traffic.
+fn abandon(runtime: &Arc<Runtime>, record: RecordKey, owner: OwnerToken, error: &StoreError) {
+    if !matches!(error, StoreError::Timeout) {
+        return;
+    }
+    let store = Arc::clone(&runtime.store);
+    runtime.tasks.spawn(
+        async move {
+            if let Err(StoreError::Unavailable(_)) = store.release(&record, owner).await
+                && let Err(error) = store.release(&record, owner).await
+            {
+                tracing::debug!(%error, "releasing a timed-out acquire failed; its lease will expire");
+            }
+        }
+        .in_current_span(),
+    );
 }
 
 fn outcome(outcome: &'static str) {
