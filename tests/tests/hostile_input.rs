@@ -14,7 +14,8 @@ use idem_examples::payments::{self, Settings};
 use idem_runtime::Idempotency;
 use idem_runtime::fingerprint::{RecordKey, scope};
 use idem_runtime::key::IdempotencyKey;
-use idem_runtime::store::MemoryStore;
+use idem_runtime::store::{MemoryStore, RedisConfig, RedisStore};
+use idem_tests::redis::RedisServer;
 use idem_tests::support::{
     IDEMPOTENCY_KEY, Reply, Server, http1_request, http1_request_bytes, keyed,
     parse_http1_response, raw_exchange, send, wait_idle, within,
@@ -521,4 +522,49 @@ fn flood_request(user: &str, key: &str) -> http::Request<axum::body::Body> {
     headers.insert("authorization", format!("Bearer {user}").parse().unwrap());
     headers.insert("content-type", "application/json".parse().unwrap());
     request
+}
+
+/// Client bytes never reach a Redis key name: keys that imitate hash tags, key names, globs and
+/// delimiters, sent to the payments example on a real Redis, leave one record each, all with
+/// names of the same length that contain none of the client's characters.
+#[tokio::test]
+async fn client_keys_never_reach_redis_key_names() {
+    let redis = RedisServer::start();
+    let store = RedisStore::connect(redis.url(), RedisConfig::new())
+        .await
+        .unwrap();
+    let idem = Idempotency::builder().store(store).build();
+    let server = Server::start(payments::app(&idem, Settings::default())).await;
+
+    let keys = [
+        "\"{k1}\"",
+        "\"}{\"",
+        "\"idem:v1:{k1}\"",
+        "*",
+        "\"k1*\"",
+        "\"k1 \\\"quoted\\\"\"",
+        "sneaky-key",
+    ];
+    for key in keys {
+        let reply = raw_exchange(server.addr, &pay("redis-user", key, PAYMENT)).await;
+        assert_created(&reply, key);
+    }
+    wait_idle(&idem).await;
+
+    let names: Vec<String> = redis.query(redis::cmd("KEYS").arg("*"));
+    assert_eq!(names.len(), keys.len(), "one record per key: {names:?}");
+    assert!(
+        names.iter().all(|name| name.len() == names[0].len()),
+        "fixed-length names: {names:?}"
+    );
+    for key in keys {
+        let key = IdempotencyKey::parse_bytes(key.as_bytes()).unwrap();
+        for name in &names {
+            assert!(
+                !name.contains(key.as_str()) && !name.contains("k1") && !name.contains("sneaky"),
+                "{name:?} carries client bytes"
+            );
+        }
+    }
+    server.stop().await;
 }
