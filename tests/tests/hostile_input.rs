@@ -118,6 +118,7 @@ fn assert_created(reply: &Reply, what: &str) -> String {
     payment_id(reply)
 }
 
+/// The table: header and body bounds, authentication, then [`character_rows`].
 fn hostile_rows() -> Vec<Row> {
     let long = |n: usize| "k".repeat(n).into_bytes();
     let quoted = |inner: &[u8]| [b"\"".as_slice(), inner, b"\""].concat();
@@ -161,6 +162,20 @@ fn hostile_rows() -> Vec<Row> {
             retry_key: Some("no-auth".into()),
             ..row("no Authorization", b"no-auth", Expect::Rejected(401))
         },
+    ];
+    rows.extend(character_rows());
+    // A key spelled like the Redis key name of the user's own baseline record.
+    rows.push(row(
+        "quoted idem:v1:{<record key of k1>}",
+        b"",
+        Expect::Created,
+    ));
+    rows
+}
+
+/// Rows about the characters and the shape of the `Idempotency-Key` field.
+fn character_rows() -> Vec<Row> {
+    vec![
         // Keys that look like Redis hash tags, key names, globs or protocol.
         row("bare {k1}", b"{k1}", Expect::KeyInvalid),
         row("quoted {k1}", b"\"{k1}\"", Expect::Created),
@@ -197,20 +212,30 @@ fn hostile_rows() -> Vec<Row> {
             lines: vec![key_line(b"dup"), key_line(b"dup")],
             ..row("two Idempotency-Key lines", b"", Expect::KeyInvalid)
         },
+        Row {
+            lines: vec![
+                b"Idempotency-Key: dup".to_vec(),
+                b"IDEMPOTENCY-KEY: dup".to_vec(),
+            ],
+            ..row("two lines in different case", b"", Expect::KeyInvalid)
+        },
+        Row {
+            lines: vec![b"idempotency-key : k1".to_vec()],
+            ..row("space before the colon", b"", Expect::HyperRejects(400))
+        },
+        // Request smuggling: both framings at once.
+        Row {
+            lines: vec![key_line(b"smuggle"), b"transfer-encoding: chunked".to_vec()],
+            retry_key: Some("smuggle".into()),
+            ..row("Content-Length and chunked", b"", Expect::HyperRejects(400))
+        },
         row("list a, b", b"a, b", Expect::KeyInvalid),
         row("quoted list", b"\"a\", \"b\"", Expect::KeyInvalid),
         row("empty value", b"", Expect::KeyInvalid),
         row("only spaces", b"   ", Expect::KeyInvalid),
         row("empty sf-string", b"\"\"", Expect::KeyInvalid),
         row("unterminated sf-string", b"\"k1", Expect::KeyInvalid),
-    ];
-    // A key spelled like the Redis key name of the user's own baseline record.
-    rows.push(row(
-        "quoted idem:v1:{<record key of k1>}",
-        b"",
-        Expect::Created,
-    ));
-    rows
+    ]
 }
 
 /// The key that spells the Redis key name (`idem:v1:{<hex>}`) of `user`'s baseline record.
@@ -245,7 +270,10 @@ async fn hostile_requests() {
         }
         lines.extend(row.lines.iter().map(Vec::as_slice));
         let raw = http1_request_bytes("POST", "/payments", &lines, &row.body);
-        let reply = raw_exchange(server.addr, &raw).await;
+        // Written while the answer is read: the server may refuse before reading it all.
+        let reply = exchange_while_writing(server.addr, &raw)
+            .await
+            .unwrap_or_else(|| panic!("{what}: no answer"));
 
         let mut expected_ids = vec![baseline_id.clone()];
         match row.expect {
@@ -328,26 +356,40 @@ async fn enormous_header_block_is_refused_and_the_server_keeps_serving() {
         ],
         PAYMENT,
     );
-    let mut stream = within("connecting", TcpStream::connect(server.addr))
-        .await
-        .unwrap();
-    let (mut read, mut write) = stream.split();
-    // The server stops reading long before the end: write and read at once, and accept a reset
-    // (the kernel may drop the `431` when unread bytes make the close a RST).
-    let writing = async {
-        let _ = write.write_all(&raw).await;
-    };
-    let mut received = Vec::new();
-    let reading = async {
-        let _ = read.read_to_end(&mut received).await;
-    };
-    within("the refusal", async { tokio::join!(writing, reading) }).await;
-    if !received.is_empty() {
-        assert_eq!(parse_http1_response(&received).status, 431);
+    if let Some(reply) = exchange_while_writing(server.addr, &raw).await {
+        assert_eq!(reply.status, 431, "{reply:?}");
     }
 
     let reply = raw_exchange(server.addr, &pay("giant", "giant", PAYMENT)).await;
     assert_created(&reply, "the next connection, with the same key");
+    server.stop().await;
+}
+
+/// A chunked body past the 2 MiB limit (no `Content-Length` to judge it by) is a `413` and leaves
+/// the key free.
+#[tokio::test]
+async fn chunked_body_over_the_limit_is_refused() {
+    let idem = Idempotency::builder().build();
+    let server = Server::start(payments::app(&idem, Settings::default())).await;
+
+    let mut raw = b"POST /payments HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\n\
+                    authorization: Bearer chunky\r\nidempotency-key: chunky\r\n\
+                    content-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n"
+        .to_vec();
+    for _ in 0..33 {
+        raw.extend_from_slice(b"10000\r\n");
+        raw.extend(std::iter::repeat_n(b' ', 0x10000));
+        raw.extend_from_slice(b"\r\n");
+    }
+    raw.extend_from_slice(b"0\r\n\r\n");
+    let reply = exchange_while_writing(server.addr, &raw)
+        .await
+        .expect("the 413 arrives");
+    assert_eq!(reply.status, 413, "{reply:?}");
+
+    let retry = raw_exchange(server.addr, &pay("chunky", "chunky", PAYMENT)).await;
+    assert_created(&retry, "a correct retry with the same key");
+    assert_eq!(payment_ids(&server, "chunky").await, [payment_id(&retry)]);
     server.stop().await;
 }
 
@@ -514,6 +556,25 @@ async fn key_flood_does_not_free_an_in_flight_key() {
     let duplicate = send(&fast, flood_request("victim", "the-payment")).await;
     duplicate.assert_problem(409, "request-in-progress");
     held.abort();
+}
+
+/// Writes `raw` while reading the answer, for requests the server refuses before reading them
+/// to the end. `None` when the connection was reset before any answer could be read: the kernel
+/// may drop a response when the server closes with unread bytes (a RST).
+async fn exchange_while_writing(addr: std::net::SocketAddr, raw: &[u8]) -> Option<Reply> {
+    let mut stream = within("connecting", TcpStream::connect(addr))
+        .await
+        .unwrap();
+    let (mut read, mut write) = stream.split();
+    let writing = async {
+        let _ = write.write_all(raw).await;
+    };
+    let mut received = Vec::new();
+    let reading = async {
+        let _ = read.read_to_end(&mut received).await;
+    };
+    within("the refusal", async { tokio::join!(writing, reading) }).await;
+    (!received.is_empty()).then(|| parse_http1_response(&received))
 }
 
 fn flood_request(user: &str, key: &str) -> http::Request<axum::body::Body> {
