@@ -40,6 +40,8 @@ enum Expect {
     Rejected(u16),
     /// An ordinary key: `201`, a new payment, not a replay of anything else.
     Created,
+    /// Another spelling of the baseline key `k1`: its replay, nothing new runs.
+    ReplaysBaseline,
 }
 
 struct Row {
@@ -176,6 +178,13 @@ fn hostile_rows() -> Vec<Row> {
 /// Rows about the characters and the shape of the `Idempotency-Key` field.
 fn character_rows() -> Vec<Row> {
     vec![
+        // Respelling a key does not get around its record.
+        row("quoted \"k1\"", b"\"k1\"", Expect::ReplaysBaseline),
+        row(
+            "k1 padded with spaces",
+            b"   k1   ",
+            Expect::ReplaysBaseline,
+        ),
         // Keys that look like Redis hash tags, key names, globs or protocol.
         row("bare {k1}", b"{k1}", Expect::KeyInvalid),
         row("quoted {k1}", b"\"{k1}\"", Expect::Created),
@@ -314,6 +323,10 @@ async fn hostile_requests() {
                 )
                 .await;
                 assert_created(&foreign, &format!("{what}: the same key as another user"));
+            }
+            Expect::ReplaysBaseline => {
+                assert!(reply.replayed(), "{what}: {reply:?}");
+                assert_eq!(payment_id(&reply), baseline_id, "{what}");
             }
         }
         // The baseline record is untouched: its own retry is still its replay.
@@ -575,6 +588,37 @@ async fn exchange_while_writing(addr: std::net::SocketAddr, raw: &[u8]) -> Optio
     };
     within("the refusal", async { tokio::join!(writing, reading) }).await;
     (!received.is_empty()).then(|| parse_http1_response(&received))
+}
+
+/// A malformed key is refused on a route where the key is optional too (`PATCH`, no `required`):
+/// it is never taken as "no key" and run unprotected.
+#[tokio::test]
+async fn malformed_key_on_an_optional_route_is_refused() {
+    let idem = Idempotency::builder().build();
+    let server = Server::start(payments::app(&idem, Settings::default())).await;
+    let created = raw_exchange(server.addr, &pay("patcher", "p1", PAYMENT)).await;
+    let id = assert_created(&created, "the payment to patch");
+
+    let path = format!("/payments/{id}");
+    let update = br#"{"description":"hostile"}"#;
+    for key in [b"a, b".as_slice(), b"caf\xc3\xa9", b"", b"\"\""] {
+        let raw = http1_request_bytes(
+            "PATCH",
+            &path,
+            &[
+                b"authorization: Bearer patcher",
+                b"content-type: application/json",
+                &key_line(key),
+            ],
+            update,
+        );
+        let reply = raw_exchange(server.addr, &raw).await;
+        reply.assert_problem(400, "idempotency-key-invalid");
+    }
+    let auth = [("authorization", "Bearer patcher")];
+    let shown = raw_exchange(server.addr, &http1_request("GET", &path, &auth, b"")).await;
+    assert_eq!(shown.json().get("description"), None, "nothing was patched");
+    server.stop().await;
 }
 
 fn flood_request(user: &str, key: &str) -> http::Request<axum::body::Body> {
