@@ -450,3 +450,21 @@ fn decode_chunked(mut rest: &[u8]) -> Vec<u8> {
         rest = &rest[size + 2..];
     }
 }
+
+/// The bytes of an HTTP/1.1 `POST`-style request whose header lines are raw bytes, for input no
+/// `&str` can carry (obs-text, bare CR or LF, NUL). Adds `host`, `connection: close` and a
+/// `content-length` matching `body`; each of `lines` is one whole line without its CRLF.
+pub fn http1_request_bytes(method: &str, path: &str, lines: &[&[u8]], body: &[u8]) -> Vec<u8> {
+    let mut raw = format!(
+        "{method} {path} HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\ncontent-length: {}\r\n",
+        body.len()
+    )
+    .into_bytes();
+    for line in lines {
+        raw.extend_from_slice(line);
+        raw.extend_from_slice(b"\r\n");
+    }
+    raw.extend_from_slice(b"\r\n");
+    raw.extend_from_slice(body);
+    raw
+}
