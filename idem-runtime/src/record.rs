@@ -170,6 +170,11 @@ impl RecordedResult {
                     let len = reader.u16()?;
                     let name = HeaderName::from_bytes(reader.take(usize::from(len))?)
                         .map_err(|_| DecodeError("invalid header name"))?;
+                    // A record idem wrote never holds these; one that does was written by
+                    // someone else and must not make a replay set a cookie or a length.
+                    if NEVER_RECORDED.contains(&name) {
+                        return Err(DecodeError("a header that is never recorded"));
+                    }
                     let len = reader.u16()?;
                     let value = HeaderValue::from_bytes(reader.take(usize::from(len))?)
                         .map_err(|_| DecodeError("invalid header value"))?;
@@ -291,6 +296,12 @@ mod tests {
         assert_eq!(
             RecordedResult::decode(&bad_name),
             Err(DecodeError("invalid header name"))
+        );
+        // A header idem never records, in a value someone else wrote, is not replayed.
+        let cookie = b"idr1\x01\x00\xc8\x00\x01\x00\x0aset-cookie\x00\x03a=1\x00\x00\x00\x00";
+        assert_eq!(
+            RecordedResult::decode(cookie),
+            Err(DecodeError("a header that is never recorded"))
         );
         // A huge declared body length must not allocate or panic.
         assert!(RecordedResult::decode(b"idr1\x01\x00\xc8\x00\x00\xff\xff\xff\xff").is_err());
