@@ -22,6 +22,7 @@
 //! ```
 
 use std::fmt::{self, Write as _};
+use std::hash::{Hash, Hasher};
 
 use sha2::{Digest, Sha256};
 
@@ -88,8 +89,18 @@ pub fn scope<T: fmt::Display + ?Sized>(value: &T) -> Scope {
 }
 
 /// Where a record lives: SHA-256 of (scope, key). Fixed length, no client bytes.
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 pub struct RecordKey(pub [u8; 32]);
+
+/// A SHA-256 digest is already uniform: its first 8 bytes are all a hash table needs (the
+/// stores' tables still mix them with a per-process secret, see `store::KeyHasher`).
+impl Hash for RecordKey {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        let mut prefix = [0; 8];
+        prefix.copy_from_slice(&self.0[..8]);
+        state.write_u64(u64::from_le_bytes(prefix));
+    }
+}
 
 impl RecordKey {
     /// Derives the record key of a client key within a scope.

@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 use moka::sync::Cache;
 
 use super::{
-    AcquireRequest, Acquired, CompleteRequest, OwnerToken, Store, StoreError, StoreFuture,
+    AcquireRequest, Acquired, CompleteRequest, KeyHasher, OwnerToken, Store, StoreError,
+    StoreFuture,
 };
 use crate::fingerprint::{Fingerprint, RecordKey};
 use crate::record::RecordedResult;
@@ -43,9 +44,11 @@ const SHARDS: usize = 16;
 /// ```
 #[derive(Clone)]
 pub struct MemoryStore {
-    in_flight: Arc<[Mutex<HashMap<RecordKey, InFlight>>; SHARDS]>,
-    settled: Cache<RecordKey, Settled>,
+    in_flight: Arc<[Mutex<InFlightShard>; SHARDS]>,
+    settled: Cache<RecordKey, Settled, KeyHasher>,
 }
+
+type InFlightShard = HashMap<RecordKey, InFlight, KeyHasher>;
 
 /// A record some attempt owns (or owned, until its lease is taken over).
 struct InFlight {
@@ -109,9 +112,11 @@ impl MemoryStore {
                     .saturating_add(RECORD_OVERHEAD)
             })
             .expire_after(SettledExpiry)
-            .build();
+            .build_with_hasher(KeyHasher::builder());
         Self {
-            in_flight: Arc::new(std::array::from_fn(|_| Mutex::default())),
+            in_flight: Arc::new(std::array::from_fn(|_| {
+                Mutex::new(HashMap::with_hasher(KeyHasher::builder()))
+            })),
             settled,
         }
     }
@@ -138,7 +143,7 @@ impl MemoryStore {
 
     /// The in-flight shard of `key`. Completing and releasing move a record from this map to the
     /// settled cache while holding the lock, so an acquire holding it sees one or the other.
-    fn shard(&self, key: &RecordKey) -> MutexGuard<'_, HashMap<RecordKey, InFlight>> {
+    fn shard(&self, key: &RecordKey) -> MutexGuard<'_, InFlightShard> {
         lock(&self.in_flight[usize::from(key.0[0]) % SHARDS])
     }
 

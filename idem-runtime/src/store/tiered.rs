@@ -40,7 +40,7 @@ use std::time::{Duration, Instant};
 
 use moka::sync::Cache;
 
-use super::{AcquireRequest, Acquired, CompleteRequest, OwnerToken, Store, StoreFuture};
+use super::{AcquireRequest, Acquired, CompleteRequest, KeyHasher, OwnerToken, Store, StoreFuture};
 use crate::fingerprint::{Fingerprint, RecordKey};
 use crate::record::RecordedResult;
 
@@ -69,7 +69,7 @@ const ENTRY_OVERHEAD: u32 = super::memory::RECORD_OVERHEAD;
 /// asked for again.
 pub struct TieredStore<S> {
     inner: S,
-    completed: Cache<RecordKey, CachedRecord>,
+    completed: Cache<RecordKey, CachedRecord, KeyHasher>,
     max_entry_ttl: Duration,
     hits: AtomicU64,
     misses: AtomicU64,
@@ -190,7 +190,7 @@ impl<S: Store> TieredStore<S> {
                     .saturating_add(ENTRY_OVERHEAD)
             })
             .expire_after(CachedRecordExpiry)
-            .build();
+            .build_with_hasher(KeyHasher::builder());
         Self {
             inner,
             completed,
