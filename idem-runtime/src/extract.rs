@@ -88,7 +88,9 @@ where
     type Rejection = Response;
 
     async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let Some(runtime) = request.extensions().get::<Idempotency>().cloned() else {
+        let mut request = request;
+        // Taken, not cloned: the layer put it there for this request only.
+        let Some(runtime) = request.extensions_mut().remove::<Idempotency>() else {
             return Err(not_configured(&request));
         };
         if is_safe(request.method()) {
