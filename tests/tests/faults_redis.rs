@@ -165,14 +165,23 @@ fn assert_created(reply: &Reply, text: &str, replayed: bool) {
 // ---------------------------------------------------------------------------------------------
 // 2. Redis unreachable after the handler ran
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_unreachable_after_the_handler_ran_the_result_lands_when_it_returns_within_the_lease()
-{
-    const LEASE: Duration = Duration::from_millis(800);
+/// Fault 2's set-up: instances `a` (behind the proxy) and `b` over one Redis; `a` runs the handler
+/// of key `k` and Redis becomes unreachable from `a` before it finishes. Its client still gets
+/// the real response, quickly.
+struct CutAfterTheHandler {
+    _server: RedisServer,
+    proxy: Proxy,
+    ledger: Ledger,
+    a: Instance,
+    b: Instance,
+    first: Reply,
+}
+
+async fn cut_after_the_handler(lease: Duration) -> CutAfterTheHandler {
     let (server, proxy) = redis_behind_proxy().await;
     let ledger = Ledger::gated();
-    let a = Instance::start(&proxy.url(), &ledger, LEASE).await;
-    let b = Instance::start(&server.url(), &ledger, LEASE).await;
+    let a = Instance::start(&proxy.url(), &ledger, lease).await;
+    let b = Instance::start(&server.url(), &ledger, lease).await;
 
     let first = a.spawn_pay("k", "pay 1");
     ledger.wait_started(1).await;
@@ -182,6 +191,28 @@ async fn redis_unreachable_after_the_handler_ran_the_result_lands_when_it_return
         .await
         .unwrap();
     assert_created(&first, "run 1 epoch 1: pay 1", false);
+    CutAfterTheHandler {
+        _server: server,
+        proxy,
+        ledger,
+        a,
+        b,
+        first,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_unreachable_after_the_handler_ran_the_result_lands_when_it_returns_within_the_lease()
+{
+    const LEASE: Duration = Duration::from_millis(800);
+    let CutAfterTheHandler {
+        _server,
+        proxy,
+        ledger,
+        a,
+        b,
+        first,
+    } = cut_after_the_handler(LEASE).await;
 
     // Redis is back well within the lease: the result, kept by the instance, lands.
     proxy.set_mode(Mode::PassThrough);
@@ -197,19 +228,14 @@ async fn redis_unreachable_after_the_handler_ran_the_result_lands_when_it_return
 async fn redis_unreachable_for_longer_than_the_lease_loses_the_result_and_a_retry_runs_with_epoch_2()
  {
     const LEASE: Duration = Duration::from_millis(500);
-    let (server, proxy) = redis_behind_proxy().await;
-    let ledger = Ledger::gated();
-    let a = Instance::start(&proxy.url(), &ledger, LEASE).await;
-    let b = Instance::start(&server.url(), &ledger, LEASE).await;
-
-    let first = a.spawn_pay("k", "pay 1");
-    ledger.wait_started(1).await;
-    proxy.cut();
-    ledger.open();
-    let first = answered_within("the first answer with Redis unreachable", QUICKLY, first)
-        .await
-        .unwrap();
-    assert_created(&first, "run 1 epoch 1: pay 1", false);
+    let CutAfterTheHandler {
+        _server,
+        proxy,
+        ledger,
+        a,
+        b,
+        first: _,
+    } = cut_after_the_handler(LEASE).await;
 
     // The outage outlasts the lease, and the instance's background attempts to record (which
     // stop when a lease would have ended): the result is lost.

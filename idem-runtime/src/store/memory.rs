@@ -361,6 +361,24 @@ mod tests {
         Fingerprint::of(&http::Method::POST, "/", "/", "", body.as_bytes())
     }
 
+    async fn complete(
+        store: &impl Store,
+        key: &RecordKey,
+        owner: OwnerToken,
+        fingerprint: &Fingerprint,
+        result: &Arc<RecordedResult>,
+        ttl: Duration,
+    ) -> bool {
+        let request = CompleteRequest {
+            key,
+            owner,
+            fingerprint,
+            result,
+            ttl,
+        };
+        store.complete(request).await.unwrap()
+    }
+
     async fn acquire_with(
         store: &MemoryStore,
         key: &RecordKey,
@@ -405,41 +423,10 @@ mod tests {
         assert!(!store.renew(&k, second, lease).await.unwrap());
 
         let result = Arc::new(RecordedResult::TooLarge);
+        assert!(!complete(&store, &k, second, &fp, &result, Duration::from_secs(60)).await);
+        assert!(complete(&store, &k, first, &fp, &result, Duration::from_secs(60)).await);
         assert!(
-            !store
-                .complete(CompleteRequest {
-                    key: &k,
-                    owner: second,
-                    fingerprint: &fp,
-                    result: &result,
-                    ttl: Duration::from_secs(60)
-                })
-                .await
-                .unwrap()
-        );
-        assert!(
-            store
-                .complete(CompleteRequest {
-                    key: &k,
-                    owner: first,
-                    fingerprint: &fp,
-                    result: &result,
-                    ttl: Duration::from_secs(60)
-                })
-                .await
-                .unwrap()
-        );
-        assert!(
-            store
-                .complete(CompleteRequest {
-                    key: &k,
-                    owner: first,
-                    fingerprint: &fp,
-                    result: &result,
-                    ttl: Duration::from_secs(60)
-                })
-                .await
-                .unwrap(),
+            complete(&store, &k, first, &fp, &result, Duration::from_secs(60)).await,
             "repeatable"
         );
         match acquire_with(&store, &k, second, &fp, lease).await {
@@ -476,16 +463,15 @@ mod tests {
         // The lost owner can neither renew nor complete.
         assert!(!store.renew(&k, first, short).await.unwrap());
         assert!(
-            !store
-                .complete(CompleteRequest {
-                    key: &k,
-                    owner: first,
-                    fingerprint: &fp,
-                    result: &Arc::new(RecordedResult::TooLarge),
-                    ttl: short
-                })
-                .await
-                .unwrap()
+            !complete(
+                &store,
+                &k,
+                first,
+                &fp,
+                &Arc::new(RecordedResult::TooLarge),
+                short
+            )
+            .await
         );
     }
 
@@ -518,16 +504,15 @@ mod tests {
         let (k, fp) = (key("k"), print("a"));
         let owner = OwnerToken::generate();
         acquire_with(&store, &k, owner, &fp, Duration::from_secs(5)).await;
-        store
-            .complete(CompleteRequest {
-                key: &k,
-                owner,
-                fingerprint: &fp,
-                result: &Arc::new(RecordedResult::TooLarge),
-                ttl: Duration::from_millis(40),
-            })
-            .await
-            .unwrap();
+        complete(
+            &store,
+            &k,
+            owner,
+            &fp,
+            &Arc::new(RecordedResult::TooLarge),
+            Duration::from_millis(40),
+        )
+        .await;
         tokio::time::sleep(Duration::from_millis(80)).await;
         let next = OwnerToken::generate();
         assert!(matches!(

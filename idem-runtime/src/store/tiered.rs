@@ -380,6 +380,24 @@ mod tests {
         Fingerprint::of(&http::Method::POST, "/", "/", "", body.as_bytes())
     }
 
+    async fn complete(
+        store: &impl Store,
+        key: &RecordKey,
+        owner: OwnerToken,
+        fingerprint: &Fingerprint,
+        result: &Arc<RecordedResult>,
+        ttl: Duration,
+    ) -> bool {
+        let request = CompleteRequest {
+            key,
+            owner,
+            fingerprint,
+            result,
+            ttl,
+        };
+        store.complete(request).await.unwrap()
+    }
+
     async fn acquire(
         store: &TieredStore<MemoryStore>,
         key: &RecordKey,
@@ -414,18 +432,7 @@ mod tests {
         ));
         assert_eq!(store.stats().entries, 0);
         let result = Arc::new(RecordedResult::TooLarge);
-        assert!(
-            store
-                .complete(CompleteRequest {
-                    key: &k,
-                    owner,
-                    fingerprint: &fp,
-                    result: &result,
-                    ttl: Duration::from_mins(1)
-                })
-                .await
-                .unwrap()
-        );
+        assert!(complete(&store, &k, owner, &fp, &result, Duration::from_mins(1)).await);
         let before = store.stats();
         assert_eq!(before.entries, 1);
         assert!(before.weighted_size >= u64::from(ENTRY_OVERHEAD));
@@ -460,18 +467,7 @@ mod tests {
             let owner = OwnerToken::generate();
             acquire(&store, k, owner, &fp).await;
             let result = Arc::new(RecordedResult::TooLarge);
-            assert!(
-                store
-                    .complete(CompleteRequest {
-                        key: k,
-                        owner,
-                        fingerprint: &fp,
-                        result: &result,
-                        ttl: Duration::from_millis(ttl)
-                    })
-                    .await
-                    .unwrap()
-            );
+            assert!(complete(&store, k, owner, &fp, &result, Duration::from_millis(ttl)).await);
         }
         tokio::time::sleep(Duration::from_millis(40)).await;
         // The short record is gone from both tiers: the key runs again.
@@ -497,18 +493,7 @@ mod tests {
         acquire(&store, &k, owner, &fp).await;
         store.release(&k, owner).await.unwrap();
         let result = Arc::new(RecordedResult::TooLarge);
-        assert!(
-            !store
-                .complete(CompleteRequest {
-                    key: &k,
-                    owner,
-                    fingerprint: &fp,
-                    result: &result,
-                    ttl: Duration::from_mins(1)
-                })
-                .await
-                .unwrap()
-        );
+        assert!(!complete(&store, &k, owner, &fp, &result, Duration::from_mins(1)).await);
         assert_eq!(store.stats().entries, 0);
     }
 }
