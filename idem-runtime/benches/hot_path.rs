@@ -168,6 +168,80 @@ fn stores(c: &mut Criterion) {
         1,
         "every benchmarked acquire was a hit"
     );
+
+    group.finish();
+}
+
+/// A `TieredStore` hit on a cache at its 64 MiB bound (about 50 000 records, as after a stream of
+/// first executions), cycling over 1 000 hot keys as a replay load does.
+fn full_cache(c: &mut Criterion) {
+    let mut group = c.benchmark_group("store");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let fingerprint = Fingerprint::of(&Method::POST, "/", "/", "", b"{}");
+    let keys: Vec<RecordKey> = (0..60_000_u32)
+        .map(|i| {
+            let name = format!("key-{i}");
+            RecordKey::new(
+                &Scope::NONE,
+                &IdempotencyKey::parse_bytes(name.as_bytes()).expect("valid key"),
+            )
+        })
+        .collect();
+    let acquire = |key| AcquireRequest {
+        key,
+        owner: OwnerToken::generate(),
+        fingerprint: &fingerprint,
+        lease: Duration::from_secs(30),
+        retention: Duration::from_secs(3600),
+    };
+    // The inner store keeps everything: a key the cache let go is still answered, as by Redis.
+    let full = TieredStore::new(MemoryStore::new(1 << 30));
+    let sample = Arc::new(sample_result());
+    runtime.block_on(async {
+        for (i, key) in keys.iter().enumerate() {
+            let request = acquire(key);
+            full.acquire(request).await.expect("acquire");
+            let done = CompleteRequest {
+                key,
+                owner: request.owner,
+                fingerprint: &fingerprint,
+                result: &sample,
+                ttl: Duration::from_secs(3600),
+            };
+            full.complete(done).await.expect("complete");
+            // The hot keys are replayed all along, so the bound evicts the others.
+            if i >= 1000 {
+                full.acquire(acquire(&keys[i % 1000]))
+                    .await
+                    .expect("replay");
+            }
+        }
+    });
+    let misses = full.stats().misses;
+    let mut next = 0;
+    group.bench_function("tiered_moka_hit_full_cache", |b| {
+        b.to_async(&runtime).iter(|| {
+            next = (next + 1) % 1000;
+            let request = acquire(&keys[next]);
+            let full = &full;
+            async move {
+                let acquired = full.acquire(request).await;
+                assert!(matches!(acquired, Ok(Acquired::Completed { .. })));
+            }
+        });
+    });
+    let stats = full.stats();
+    assert!(
+        stats.entries > 40_000,
+        "the cache is at its bound: {stats:?}"
+    );
+    assert!(
+        stats.misses - misses < 100,
+        "the hot keys stay cached: {stats:?}"
+    );
     group.finish();
 }
 
@@ -264,5 +338,13 @@ fn router(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, keys, fingerprints, records, stores, router);
+criterion_group!(
+    benches,
+    keys,
+    fingerprints,
+    records,
+    stores,
+    full_cache,
+    router
+);
 criterion_main!(benches);
