@@ -113,7 +113,7 @@ where
     let wait_until = route.wait.map(|wait| Instant::now() + wait);
     let mut backoff = Duration::from_millis(5);
     let problem = |problem: Problem| keyed.runtime.problem_response(&problem);
-    let epoch = loop {
+    let (epoch, leased_at) = loop {
         let request = AcquireRequest {
             key: &record,
             owner,
@@ -121,8 +121,10 @@ where
             lease,
             retention: route.ttl,
         };
+        // The lease runs from no earlier than the moment it was asked for.
+        let asked_at = tokio::time::Instant::now();
         match runtime.store.acquire(request).await {
-            Ok(Acquired::Execute { epoch }) => break epoch,
+            Ok(Acquired::Execute { epoch }) => break (epoch, asked_at),
             Ok(Acquired::Completed { result, ttl_left }) => {
                 return replay(&result, ttl_left, &problem);
             }
@@ -181,6 +183,7 @@ where
             record,
             owner,
             fingerprint: keyed.fingerprint,
+            leased_at,
             duration: lease,
             context: keyed.context,
         },
@@ -291,6 +294,8 @@ struct LeaseHolder {
     record: RecordKey,
     owner: OwnerToken,
     fingerprint: Fingerprint,
+    /// When the lease was asked for: it lasts `duration` from then unless renewed.
+    leased_at: tokio::time::Instant,
     duration: Duration,
     context: Option<Arc<ContextState>>,
 }
@@ -303,8 +308,7 @@ impl LeaseHolder {
     /// renewed lease ran out) the handler's context reports it lost: another attempt may run.
     async fn heartbeat(self) {
         let give_up_at = Instant::now() + self.runtime.max_run_time;
-        // The lease was taken (or last renewed) no earlier than this task started.
-        let mut lease_until = tokio::time::Instant::now() + self.duration;
+        let mut lease_until = self.leased_at + self.duration;
         let period = self.duration / 3;
         let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -555,8 +559,8 @@ mod tests {
     use tower::ServiceExt as _;
 
     use super::*;
-    use crate::store::{Store, StoreFuture};
-    use crate::{Idempotency, Idempotent};
+    use crate::store::{MemoryStore, Store, StoreFuture};
+    use crate::{Idempotency, IdempotencyContext, Idempotent};
 
     /// A store that is never reachable.
     struct Unreachable;
@@ -618,5 +622,58 @@ mod tests {
         assert_eq!(response.status(), StatusCode::OK);
         assert_eq!(response.headers()[&IDEMPOTENT_UNPROTECTED], "true");
         assert_eq!(RUNS.load(Ordering::SeqCst), 1);
+    }
+
+    /// Acquires and records like a `MemoryStore`, but every renewal fails.
+    struct RenewalsFail(MemoryStore);
+
+    impl Store for RenewalsFail {
+        fn acquire<'a>(&'a self, request: AcquireRequest<'a>) -> StoreFuture<'a, Acquired> {
+            self.0.acquire(request)
+        }
+        fn renew<'a>(
+            &'a self,
+            _: &'a RecordKey,
+            _: OwnerToken,
+            _: Duration,
+        ) -> StoreFuture<'a, bool> {
+            Box::pin(async { Err(StoreError::Timeout) })
+        }
+        fn complete<'a>(&'a self, request: CompleteRequest<'a>) -> StoreFuture<'a, bool> {
+            self.0.complete(request)
+        }
+        fn release<'a>(&'a self, key: &'a RecordKey, owner: OwnerToken) -> StoreFuture<'a, ()> {
+            self.0.release(key, owner)
+        }
+    }
+
+    static LONG: RouteConfig = RouteConfig::new("long").required(true);
+
+    /// Reports whether its lease was lost soon after it started and once the lease ran out.
+    async fn long(context: IdempotencyContext, body: Idempotent<String>) -> Response {
+        let (request, _) = body.into_parts();
+        execute(request, &LONG, Scope::NONE, async move {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            let early = context.lease_lost();
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            format!("{early} {}", context.lease_lost())
+        })
+        .await
+    }
+
+    #[tokio::test]
+    async fn a_lease_whose_renewals_all_fail_is_lost_once_it_runs_out() {
+        let idem = Idempotency::builder()
+            .store(RenewalsFail(MemoryStore::default()))
+            .lease(Duration::from_millis(150))
+            .build();
+        let app = Router::new().route("/", post(long)).layer(idem.layer());
+        let request = Request::post("/")
+            .header("idempotency-key", "k")
+            .body(Body::from("x"))
+            .unwrap();
+        let response = app.oneshot(request).await.unwrap();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body, "false true");
     }
 }
