@@ -96,6 +96,14 @@ impl Instance {
         Self { idem, router }
     }
 
+    /// Two instances over the same Redis.
+    async fn pair(url: &str, ledger: &Ledger, lease: Duration) -> (Self, Self) {
+        (
+            Self::start(url, ledger, lease).await,
+            Self::start(url, ledger, lease).await,
+        )
+    }
+
     async fn pay(&self, key: &str, body: &str) -> Reply {
         send(&self.router, keyed("POST", "/pay", key, body.to_owned())).await
     }
@@ -332,8 +340,7 @@ async fn redis_paused_shorter_than_the_lease_the_handler_keeps_its_key_and_recor
     const LEASE: Duration = Duration::from_millis(1200);
     let server = RedisServer::start();
     let ledger = Ledger::gated();
-    let a = Instance::start(&server.url(), &ledger, LEASE).await;
-    let b = Instance::start(&server.url(), &ledger, LEASE).await;
+    let (a, b) = Instance::pair(&server.url(), &ledger, LEASE).await;
 
     let first = a.spawn_pay("k", "pay 1");
     ledger.wait_started(1).await;
@@ -370,8 +377,7 @@ async fn redis_paused_longer_than_the_lease_nobody_takes_over_and_the_owner_stil
     const LEASE: Duration = Duration::from_millis(600);
     let server = RedisServer::start();
     let ledger = Ledger::gated();
-    let a = Instance::start(&server.url(), &ledger, LEASE).await;
-    let b = Instance::start(&server.url(), &ledger, LEASE).await;
+    let (a, b) = Instance::pair(&server.url(), &ledger, LEASE).await;
 
     let first = a.spawn_pay("k", "pay 1");
     ledger.wait_started(1).await;
@@ -399,8 +405,9 @@ async fn redis_paused_longer_than_the_lease_nobody_takes_over_and_the_owner_stil
     assert_created(&replay, first.text(), true);
     assert_eq!(ledger.runs(), 1);
 
-    // The probe's key is not stuck beyond a lease either. Its timed-out acquire ran when Redis
-    // resumed (epoch 1, an attempt nobody runs), so the retry is epoch 2.
+    // The probe's key is not stuck either. Its timed-out acquire ran when Redis resumed (epoch 1,
+    // an attempt nobody runs) and the release sent behind it freed the key, so the retry is
+    // epoch 2.
     let (probe, _) = b
         .pay_until_not_in_progress("probe", "x", LEASE + QUICKLY)
         .await;
@@ -415,8 +422,7 @@ async fn redis_paused_longer_than_the_lease_nobody_takes_over_and_the_owner_stil
 async fn over_redis_a_client_disconnect_does_not_cancel_the_handler_and_another_instance_replays() {
     let server = RedisServer::start();
     let ledger = Ledger::gated();
-    let a = Instance::start(&server.url(), &ledger, Duration::from_millis(800)).await;
-    let b = Instance::start(&server.url(), &ledger, Duration::from_millis(800)).await;
+    let (a, b) = Instance::pair(&server.url(), &ledger, Duration::from_millis(800)).await;
     let http = Server::start(a.router.clone()).await;
     let request = http1_request(
         "POST",
@@ -444,8 +450,7 @@ async fn over_redis_a_panicking_handler_is_a_500_and_the_retry_runs_at_once() {
     let server = RedisServer::start();
     let ledger = Ledger::new();
     // A long lease: only the release can free the key in time.
-    let a = Instance::start(&server.url(), &ledger, Duration::from_secs(30)).await;
-    let b = Instance::start(&server.url(), &ledger, Duration::from_secs(30)).await;
+    let (a, b) = Instance::pair(&server.url(), &ledger, Duration::from_secs(30)).await;
 
     let panicked = send(&a.router, keyed("POST", "/panics", "p", "x")).await;
     panicked.assert_problem(500, "handler-panicked");
@@ -468,8 +473,7 @@ async fn over_redis_a_panicking_handler_is_a_500_and_the_retry_runs_at_once() {
 async fn over_redis_a_response_over_the_limit_reaches_its_client_and_duplicates_get_409() {
     let server = RedisServer::start();
     let ledger = Ledger::new();
-    let a = Instance::start(&server.url(), &ledger, Duration::from_millis(800)).await;
-    let b = Instance::start(&server.url(), &ledger, Duration::from_millis(800)).await;
+    let (a, b) = Instance::pair(&server.url(), &ledger, Duration::from_millis(800)).await;
 
     let first = send(&a.router, keyed("POST", "/large", "big", "x")).await;
     assert_eq!(first.status, StatusCode::OK);
@@ -505,8 +509,7 @@ async fn redis_out_of_memory_is_a_503_that_writes_nothing_and_a_lost_completion_
             .arg("noeviction"),
     );
     let ledger = Ledger::gated();
-    let a = Instance::start(&server.url(), &ledger, LEASE).await;
-    let b = Instance::start(&server.url(), &ledger, LEASE).await;
+    let (a, b) = Instance::pair(&server.url(), &ledger, LEASE).await;
 
     // Before the handler: refused, quickly, and nothing written.
     set_maxmemory(&server, "1");

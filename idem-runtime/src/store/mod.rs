@@ -253,6 +253,50 @@ pub trait Store: Send + Sync + 'static {
     fn release<'a>(&'a self, key: &'a RecordKey, owner: OwnerToken) -> StoreFuture<'a, ()>;
 }
 
+/// What the stores' unit tests share.
+#[cfg(test)]
+pub(crate) mod testing {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use super::{CompleteRequest, OwnerToken, Store};
+    use crate::fingerprint::{Fingerprint, RecordKey, Scope};
+    use crate::key::IdempotencyKey;
+    use crate::record::RecordedResult;
+
+    /// The record key of the unscoped client key `name`.
+    pub(crate) fn key(name: &str) -> RecordKey {
+        RecordKey::new(
+            &Scope::NONE,
+            &IdempotencyKey::parse_bytes(name.as_bytes()).unwrap(),
+        )
+    }
+
+    /// The fingerprint of a `POST /` with `body`.
+    pub(crate) fn print(body: &str) -> Fingerprint {
+        Fingerprint::of(&http::Method::POST, "/", "/", "", body.as_bytes())
+    }
+
+    /// Completes the record and unwraps the store's answer.
+    pub(crate) async fn complete(
+        store: &impl Store,
+        key: &RecordKey,
+        owner: OwnerToken,
+        fingerprint: &Fingerprint,
+        result: &Arc<RecordedResult>,
+        ttl: Duration,
+    ) -> bool {
+        let request = CompleteRequest {
+            key,
+            owner,
+            fingerprint,
+            result,
+            ttl,
+        };
+        store.complete(request).await.unwrap()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::hash::BuildHasher as _;

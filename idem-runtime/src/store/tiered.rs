@@ -365,38 +365,8 @@ impl<S: fmt::Debug> fmt::Debug for TieredStore<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fingerprint::Scope;
-    use crate::key::IdempotencyKey;
     use crate::store::MemoryStore;
-
-    fn key(name: &str) -> RecordKey {
-        RecordKey::new(
-            &Scope::NONE,
-            &IdempotencyKey::parse_bytes(name.as_bytes()).unwrap(),
-        )
-    }
-
-    fn print(body: &str) -> Fingerprint {
-        Fingerprint::of(&http::Method::POST, "/", "/", "", body.as_bytes())
-    }
-
-    async fn complete(
-        store: &impl Store,
-        key: &RecordKey,
-        owner: OwnerToken,
-        fingerprint: &Fingerprint,
-        result: &Arc<RecordedResult>,
-        ttl: Duration,
-    ) -> bool {
-        let request = CompleteRequest {
-            key,
-            owner,
-            fingerprint,
-            result,
-            ttl,
-        };
-        store.complete(request).await.unwrap()
-    }
+    use crate::store::testing::{complete, key, print};
 
     async fn acquire(
         store: &TieredStore<MemoryStore>,
