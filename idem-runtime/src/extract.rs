@@ -118,7 +118,16 @@ where
             }
         };
 
+        let declared = http_body::Body::size_hint(request.body()).lower();
         let (mut parts, body) = request.with_limited_body().into_parts();
+        // A declared length over the limit is refused now, not after waiting for bytes that a
+        // hostile client may never send.
+        if http_body::Body::size_hint(&body)
+            .upper()
+            .is_some_and(|limit| declared > limit)
+        {
+            return Err(payload_too_large());
+        }
         let bytes = match body.collect().await {
             Ok(collected) => collected.to_bytes(),
             Err(error) => return Err(body_error(&error)),
@@ -182,15 +191,20 @@ fn body_error(error: &axum::Error) -> Response {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
     while let Some(current) = source {
         if current.is::<http_body_util::LengthLimitError>() {
-            return (
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "Failed to buffer the request body: length limit exceeded",
-            )
-                .into_response();
+            return payload_too_large();
         }
         source = current.source();
     }
     (StatusCode::BAD_REQUEST, "Failed to buffer the request body").into_response()
+}
+
+/// axum's own answer to a body over its limit.
+fn payload_too_large() -> Response {
+    (
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "Failed to buffer the request body: length limit exceeded",
+    )
+        .into_response()
 }
 
 fn not_configured(request: &Request) -> Response {

@@ -406,23 +406,39 @@ async fn chunked_body_over_the_limit_is_refused() {
     server.stop().await;
 }
 
-/// `Content-Length: 1 GB` with a 31-byte body. What really happens: axum's 2 MiB limit counts the
-/// bytes that arrive (http-body-util's `Limited` does not judge the declared length), so the
-/// server waits for a body that never comes; idem reads the whole body before it acquires the
-/// key, so that waiting connection holds nothing and a correct request with the same key runs at
-/// once. Closing the lying connection never records anything either.
+/// A lying `Content-Length`, with a 31-byte body. Over the body limit (1 GB declared) the answer is
+/// `413` at once: idem compares the declared length with axum's limit before reading anything.
+/// Under the limit (1 000 declared) the server waits for bytes that never come (axum's limit
+/// counts the bytes that arrive and `axum::serve` sets no body timeout); idem reads the whole body
+/// before it acquires the key, so that waiting connection holds nothing and a correct request
+/// with the same key runs at once. Closing the lying connection never records anything either.
 #[tokio::test]
 async fn lying_content_length_never_takes_the_key() {
     let idem = Idempotency::builder().build();
     let server = Server::start(payments::app(&idem, Settings::default())).await;
+    let liar = |key: &str, length: u64| {
+        let head = format!(
+            "POST /payments HTTP/1.1\r\nhost: 127.0.0.1\r\nauthorization: Bearer liar\r\n\
+             idempotency-key: {key}\r\ncontent-type: application/json\r\n\
+             content-length: {length}\r\n\r\n"
+        );
+        [head.as_bytes(), PAYMENT].concat()
+    };
 
-    let liar = "POST /payments HTTP/1.1\r\nhost: 127.0.0.1\r\nauthorization: Bearer liar\r\n\
-                 idempotency-key: liar\r\ncontent-type: application/json\r\n\
-                 content-length: 1000000000\r\n\r\n";
+    // Over the limit: refused before a byte of the body is read.
+    let started = Instant::now();
+    let refused = raw_exchange(server.addr, &liar("huge", 1_000_000_000)).await;
+    assert_eq!(refused.status, 413, "{refused:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "answered at once"
+    );
+    let retry = raw_exchange(server.addr, &pay("liar", "huge", PAYMENT)).await;
+    assert_created(&retry, "a correct retry with the refused key");
+
+    // Under the limit: the server waits for the rest, holding no lease meanwhile.
     let mut lying = TcpStream::connect(server.addr).await.unwrap();
-    lying.write_all(liar.as_bytes()).await.unwrap();
-    lying.write_all(PAYMENT).await.unwrap();
-
+    lying.write_all(&liar("short", 1000)).await.unwrap();
     let mut early = [0_u8; 1024];
     let answered = tokio::time::timeout(Duration::from_millis(300), lying.read(&mut early)).await;
     assert!(
@@ -430,16 +446,18 @@ async fn lying_content_length_never_takes_the_key() {
         "the server waits for the declared body: {:?}",
         answered.map(|n| String::from_utf8_lossy(&early[..n.unwrap_or(0)]).into_owned())
     );
-
     let started = Instant::now();
-    let honest = raw_exchange(server.addr, &pay("liar", "liar", PAYMENT)).await;
+    let honest = raw_exchange(server.addr, &pay("liar", "short", PAYMENT)).await;
     assert_created(&honest, "the same key while the liar's body is pending");
     assert!(started.elapsed() < Duration::from_secs(2), "it ran at once");
 
     drop(lying);
-    let again = raw_exchange(server.addr, &pay("liar", "liar", PAYMENT)).await;
+    let again = raw_exchange(server.addr, &pay("liar", "short", PAYMENT)).await;
     assert!(again.replayed(), "the honest request's record stands");
-    assert_eq!(payment_ids(&server, "liar").await, [payment_id(&honest)]);
+    assert_eq!(
+        payment_ids(&server, "liar").await,
+        [payment_id(&retry), payment_id(&honest)]
+    );
     server.stop().await;
 }
 
