@@ -676,4 +676,54 @@ mod tests {
         let body = response.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(body, "false true");
     }
+
+    /// Fails every acquire with `error` and counts the releases it receives.
+    struct FailingAcquire {
+        error: fn() -> StoreError,
+        releases: Arc<AtomicUsize>,
+    }
+
+    impl Store for FailingAcquire {
+        fn acquire<'a>(&'a self, _: AcquireRequest<'a>) -> StoreFuture<'a, Acquired> {
+            let error = (self.error)();
+            Box::pin(async move { Err(error) })
+        }
+        fn renew<'a>(
+            &'a self,
+            _: &'a RecordKey,
+            _: OwnerToken,
+            _: Duration,
+        ) -> StoreFuture<'a, bool> {
+            Box::pin(async { Ok(false) })
+        }
+        fn complete<'a>(&'a self, _: CompleteRequest<'a>) -> StoreFuture<'a, bool> {
+            Box::pin(async { Ok(false) })
+        }
+        fn release<'a>(&'a self, _: &'a RecordKey, _: OwnerToken) -> StoreFuture<'a, ()> {
+            self.releases.fetch_add(1, Ordering::SeqCst);
+            Box::pin(async { Ok(()) })
+        }
+    }
+
+    #[tokio::test]
+    async fn only_a_timed_out_acquire_is_released_and_only_once() {
+        for (error, expected) in [
+            (
+                (|| StoreError::Unavailable("connection refused".into())) as fn() -> StoreError,
+                0,
+            ),
+            (|| StoreError::Timeout, 1),
+        ] {
+            let releases = Arc::new(AtomicUsize::new(0));
+            let store = FailingAcquire {
+                error,
+                releases: Arc::clone(&releases),
+            };
+            let idem = Idempotency::builder().store(store).build();
+            let response = send(&idem).await;
+            assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+            idem.shutdown().await;
+            assert_eq!(releases.load(Ordering::SeqCst), expected, "{:?}", error());
+        }
+    }
 }

@@ -76,6 +76,15 @@ impl Instance {
     /// An instance over the Redis at `url` (a [`Proxy`] or the server itself) with `lease`,
     /// 300 ms command budgets and a 1 KiB recording limit, counting executions in `ledger`.
     async fn start(url: &str, ledger: &Ledger, lease: Duration) -> Self {
+        Self::build(url, ledger, lease, false).await
+    }
+
+    /// The same, failing open: while Redis cannot be reached, handlers run unprotected.
+    async fn start_fail_open(url: &str, ledger: &Ledger, lease: Duration) -> Self {
+        Self::build(url, ledger, lease, true).await
+    }
+
+    async fn build(url: &str, ledger: &Ledger, lease: Duration, fail_open: bool) -> Self {
         let config = RedisConfig::new()
             .response_timeout(COMMAND_TIMEOUT)
             .connect_timeout(COMMAND_TIMEOUT);
@@ -86,6 +95,7 @@ impl Instance {
             .store(TieredStore::new(redis))
             .lease(lease)
             .max_response_bytes(1024)
+            .fail_open(fail_open)
             .build();
         let router = Router::new()
             .route("/pay", post(pay))
@@ -168,6 +178,35 @@ fn assert_created(reply: &Reply, text: &str, replayed: bool) {
     assert_eq!(reply.status, StatusCode::CREATED, "{reply:?}");
     assert_eq!(reply.text(), text);
     assert_eq!(reply.replayed(), replayed, "replayed? {reply:?}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. Redis down before the request, with the opt-in fail-open mode
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_open_runs_unprotected_while_redis_is_down_and_protects_again_once_it_is_back() {
+    let mut server = RedisServer::start();
+    let ledger = Ledger::new();
+    let a = Instance::start_fail_open(&server.url(), &ledger, Duration::from_secs(5)).await;
+    server.kill();
+    for run in 1..=2 {
+        let reply = answered_within("an unprotected answer", QUICKLY, a.pay("open", "pay")).await;
+        assert_eq!(reply.status, StatusCode::CREATED, "{reply:?}");
+        assert_eq!(reply.header("idempotent-unprotected"), Some("true"));
+        assert!(!reply.replayed());
+        assert_eq!(ledger.runs(), run, "unprotected: every retry runs");
+    }
+
+    server.restart();
+    let first = a.pay("open", "pay").await;
+    assert_created(&first, "run 3 epoch 1: pay", false);
+    assert_eq!(
+        first.header("idempotent-unprotected"),
+        None,
+        "protected again"
+    );
+    assert_created(&a.pay("open", "pay").await, first.text(), true);
+    assert_eq!(ledger.runs(), 3);
 }
 
 // ---------------------------------------------------------------------------------------------

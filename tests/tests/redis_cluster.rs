@@ -142,13 +142,23 @@ async fn a_cluster_serves_a_fleet() {
         .find(|k| owner_node(&cluster, k) != 0)
         .unwrap();
     cluster.node_mut(0).kill();
+    let runs_before = runs.load(Ordering::SeqCst);
     let started = Instant::now();
-    let (status, _, _) = send(&a, &down_key, "x").await;
+    let (status, _, body) = send(&a, &down_key, "x").await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(
+        body.contains("/problems/store-unavailable"),
+        "a store-unavailable problem: {body}"
+    );
     assert!(
         started.elapsed() < Duration::from_secs(2),
         "{:?}",
         started.elapsed()
+    );
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        runs_before,
+        "the handler did not run for the down shard's key"
     );
     let (status, _, _) = send(&a, &up_key, "x").await;
     assert_eq!(
