@@ -132,7 +132,7 @@ use proc_macro::TokenStream;
 /// | same key and request, first one finished | the recorded response (same status, body and stored headers) plus `Idempotent-Replayed: true` | no |
 /// | same key and request, first one still running | `409` `request-in-progress` with `Retry-After` (or, with `wait`, the first result) | no |
 /// | same key, different request (method, route, path, query or body) | `422` `idempotency-key-reused` | no |
-/// | same key, first response too large to record | `409` `result-unavailable` | no |
+/// | same key, first response too large to record | `409` `result-unavailable` with `Retry-After` (when the record expires and the key runs again) | no |
 /// | rejected before the handler starts (bad JSON, authentication, body too large) | that rejection, nothing recorded: a corrected retry with the same key runs | no |
 /// | handler returned a response `store` does not record, or panicked | that response / `500` `handler-panicked`; the key is released and a retry runs again | yes |
 /// | store unreachable | `503` `store-unavailable` with `Retry-After` | no |

@@ -165,7 +165,8 @@ impl IdempotencyBuilder {
     }
 
     /// The largest response body recorded for replay. Larger responses still reach the first
-    /// client whole; duplicates get `409 result-unavailable`. Default: 1 MiB.
+    /// client whole; duplicates get `409 result-unavailable` (with `Retry-After` set to when the
+    /// record expires). Default: 1 MiB.
     pub fn max_response_bytes(mut self, max: usize) -> Self {
         self.max_response_bytes = max;
         self
