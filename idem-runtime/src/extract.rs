@@ -267,8 +267,11 @@ impl IdempotencyContext {
         }
     }
 
-    /// Whether this attempt lost its lease (it ran past the lease without renewal, and another may
-    /// have taken over). Its result will not be recorded.
+    /// Whether this attempt may have lost its lease: a renewal was refused (another attempt took
+    /// over), renewals failed until the lease ran out, or the handler ran past `max_run_time` and
+    /// one more lease. Another attempt may then run; act only with a fence (the
+    /// [`epoch`](Self::epoch)). The result is still recorded if no other attempt took over before
+    /// this one finished.
     pub fn lease_lost(&self) -> bool {
         self.state.lease_lost.load(Ordering::Acquire)
     }
