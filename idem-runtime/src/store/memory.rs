@@ -7,6 +7,7 @@
 //! bytes, from which they may be evicted early; a replay is one lookup there.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -44,11 +45,17 @@ const SHARDS: usize = 16;
 /// ```
 #[derive(Clone)]
 pub struct MemoryStore {
-    in_flight: Arc<[Mutex<InFlightShard>; SHARDS]>,
+    shards: Arc<[Shard; SHARDS]>,
     settled: Cache<RecordKey, Settled, KeyHasher>,
 }
 
-type InFlightShard = HashMap<RecordKey, InFlight, KeyHasher>;
+/// The records in flight of one slice of the key space.
+struct Shard {
+    in_flight: Mutex<HashMap<RecordKey, InFlight, KeyHasher>>,
+    /// Bumped, under the lock, after each record of this shard enters the settled cache: an
+    /// acquire that saw the cache before taking the lock knows whether to look again.
+    settled_writes: AtomicU64,
+}
 
 /// A record some attempt owns (or owned, until its lease is taken over).
 struct InFlight {
@@ -114,8 +121,9 @@ impl MemoryStore {
             .expire_after(SettledExpiry)
             .build_with_hasher(KeyHasher::builder());
         Self {
-            in_flight: Arc::new(std::array::from_fn(|_| {
-                Mutex::new(HashMap::with_hasher(KeyHasher::builder()))
+            shards: Arc::new(std::array::from_fn(|_| Shard {
+                in_flight: Mutex::new(HashMap::with_hasher(KeyHasher::builder())),
+                settled_writes: AtomicU64::new(0),
             })),
             settled,
         }
@@ -125,7 +133,11 @@ impl MemoryStore {
     /// maintenance has run).
     pub fn len(&self) -> u64 {
         self.settled.run_pending_tasks();
-        let in_flight: usize = self.in_flight.iter().map(|shard| lock(shard).len()).sum();
+        let in_flight: usize = self
+            .shards
+            .iter()
+            .map(|shard| lock(&shard.in_flight).len())
+            .sum();
         self.settled.entry_count() + in_flight as u64
     }
 
@@ -141,10 +153,11 @@ impl MemoryStore {
         self.settled.weighted_size()
     }
 
-    /// The in-flight shard of `key`. Completing and releasing move a record from this map to the
-    /// settled cache while holding the lock, so an acquire holding it sees one or the other.
-    fn shard(&self, key: &RecordKey) -> MutexGuard<'_, InFlightShard> {
-        lock(&self.in_flight[usize::from(key.0[0]) % SHARDS])
+    /// The shard of `key`. Completing and releasing move a record from its in-flight map to the
+    /// settled cache while holding the shard's lock, so an acquire holding it sees one or the
+    /// other.
+    fn shard(&self, key: &RecordKey) -> &Shard {
+        &self.shards[usize::from(key.0[0]) % SHARDS]
     }
 
     /// The settled record of `key`, if it is still alive.
@@ -198,15 +211,18 @@ fn settled_answer(
 impl MemoryStore {
     fn acquire_now(&self, request: &AcquireRequest<'_>) -> Acquired {
         let now = Instant::now();
+        let shard = self.shard(request.key);
+        let writes = shard.settled_writes.load(Ordering::Acquire);
         // A completed record never changes until it expires: replays need no lock.
-        if let Some(answer) = self
-            .settled(request.key, now)
-            .and_then(|record| settled_answer(&record, request, now))
+        let seen = self.settled(request.key, now);
+        if let Some(answer) = seen
+            .as_ref()
+            .and_then(|record| settled_answer(record, request, now))
         {
             return answer;
         }
-        let mut shard = self.shard(request.key);
-        if let Some(record) = shard
+        let mut in_flight = lock(&shard.in_flight);
+        if let Some(record) = in_flight
             .get_mut(request.key)
             .filter(|record| record.expires_at > now)
         {
@@ -229,8 +245,13 @@ impl MemoryStore {
                 epoch: record.epoch,
             };
         }
-        // Not in flight: the settled cache decides, read again under the lock.
-        let settled = self.settled(request.key, now);
+        // Not in flight: the settled cache decides. What was seen before the lock still holds
+        // unless a record of this shard was settled since (a miss costs moka allocations).
+        let settled = if shard.settled_writes.load(Ordering::Acquire) == writes {
+            seen
+        } else {
+            self.settled(request.key, now)
+        };
         if let Some(answer) = settled
             .as_ref()
             .and_then(|record| settled_answer(record, request, now))
@@ -245,7 +266,7 @@ impl MemoryStore {
             ),
             None => (1, now + request.retention.max(request.lease)),
         };
-        shard.insert(
+        in_flight.insert(
             *request.key,
             InFlight {
                 fingerprint: *request.fingerprint,
@@ -260,8 +281,8 @@ impl MemoryStore {
 
     fn renew_now(&self, key: &RecordKey, owner: OwnerToken, lease: Duration) -> bool {
         let now = Instant::now();
-        let mut shard = self.shard(key);
-        match shard.get_mut(key) {
+        let mut in_flight = lock(&self.shard(key).in_flight);
+        match in_flight.get_mut(key) {
             Some(record) if record.owner == owner && record.expires_at > now => {
                 record.lease_until = now + lease;
                 record.expires_at = record.expires_at.max(record.lease_until);
@@ -273,8 +294,9 @@ impl MemoryStore {
 
     fn complete_now(&self, request: &CompleteRequest<'_>) -> bool {
         let now = Instant::now();
-        let mut shard = self.shard(request.key);
-        match shard.get(request.key) {
+        let shard = self.shard(request.key);
+        let mut in_flight = lock(&shard.in_flight);
+        match in_flight.get(request.key) {
             Some(record) if record.owner == request.owner => {
                 let owned = record.expires_at > now;
                 if owned {
@@ -285,9 +307,10 @@ impl MemoryStore {
                         completed: Some((request.owner, Arc::clone(request.result))),
                     };
                     self.settled.insert(*request.key, completed);
+                    shard.settled_writes.fetch_add(1, Ordering::Release);
                 }
                 // An expired record is forgotten either way, as it would have been by its ttl.
-                shard.remove(request.key);
+                in_flight.remove(request.key);
                 owned
             }
             Some(_) => false,
@@ -303,9 +326,12 @@ impl MemoryStore {
 
     fn release_now(&self, key: &RecordKey, owner: OwnerToken) {
         let now = Instant::now();
-        let mut shard = self.shard(key);
-        if shard.get(key).is_some_and(|record| record.owner == owner)
-            && let Some(record) = shard.remove(key)
+        let shard = self.shard(key);
+        let mut in_flight = lock(&shard.in_flight);
+        if in_flight
+            .get(key)
+            .is_some_and(|record| record.owner == owner)
+            && let Some(record) = in_flight.remove(key)
             && record.expires_at > now
         {
             let released = Settled {
@@ -315,6 +341,7 @@ impl MemoryStore {
                 completed: None,
             };
             self.settled.insert(*key, released);
+            shard.settled_writes.fetch_add(1, Ordering::Release);
         }
     }
 }
@@ -496,5 +523,61 @@ mod tests {
         let tokens: std::collections::HashSet<_> =
             (0..1000).map(|_| OwnerToken::generate()).collect();
         assert_eq!(tokens.len(), 1000);
+    }
+
+    #[test]
+    fn an_acquire_racing_the_completion_never_runs_the_key_again() {
+        use futures_util::FutureExt as _;
+
+        let store = MemoryStore::default();
+        let fp = print("a");
+        let result = Arc::new(RecordedResult::TooLarge);
+        let keys: Vec<RecordKey> = (0..2000).map(|i| key(&format!("race-{i}"))).collect();
+        let lease = Duration::from_secs(30);
+        let request = |key, owner| AcquireRequest {
+            key,
+            owner,
+            fingerprint: &fp,
+            lease,
+            retention: Duration::from_mins(1),
+        };
+        for chunk in keys.chunks(100) {
+            let owners: Vec<OwnerToken> = chunk.iter().map(|_| OwnerToken::generate()).collect();
+            for (key, owner) in chunk.iter().zip(&owners) {
+                let first = store.acquire(request(key, *owner)).now_or_never().unwrap();
+                assert!(matches!(first, Ok(Acquired::Execute { epoch: 1 })));
+            }
+            std::thread::scope(|scope| {
+                scope.spawn(|| {
+                    for (key, owner) in chunk.iter().zip(&owners) {
+                        let done = CompleteRequest {
+                            key,
+                            owner: *owner,
+                            fingerprint: &fp,
+                            result: &result,
+                            ttl: Duration::from_mins(1),
+                        };
+                        assert!(store.complete(done).now_or_never().unwrap().unwrap());
+                    }
+                });
+                scope.spawn(|| {
+                    for _ in 0..3 {
+                        for key in chunk {
+                            let duplicate = store
+                                .acquire(request(key, OwnerToken::generate()))
+                                .now_or_never()
+                                .unwrap();
+                            assert!(
+                                matches!(
+                                    duplicate,
+                                    Ok(Acquired::InFlight { .. } | Acquired::Completed { .. })
+                                ),
+                                "{duplicate:?}"
+                            );
+                        }
+                    }
+                });
+            });
+        }
     }
 }
