@@ -562,26 +562,44 @@ mod tests {
     use crate::store::{MemoryStore, Store, StoreFuture};
     use crate::{Idempotency, IdempotencyContext, Idempotent};
 
-    /// A store that is never reachable.
-    struct Unreachable;
+    /// A `MemoryStore` with faults: acquires that fail with `acquire_error`, renewals that fail,
+    /// and a count of the releases it receives.
+    #[derive(Default)]
+    struct Faulty {
+        memory: MemoryStore,
+        acquire_error: Option<fn() -> StoreError>,
+        renewals_fail: bool,
+        releases: Arc<AtomicUsize>,
+    }
 
-    impl Store for Unreachable {
-        fn acquire<'a>(&'a self, _: AcquireRequest<'a>) -> StoreFuture<'a, Acquired> {
-            Box::pin(async { Err(StoreError::Unavailable("connection refused".into())) })
+    fn refused() -> StoreError {
+        StoreError::Unavailable("connection refused".into())
+    }
+
+    impl Store for Faulty {
+        fn acquire<'a>(&'a self, request: AcquireRequest<'a>) -> StoreFuture<'a, Acquired> {
+            match self.acquire_error {
+                Some(error) => Box::pin(std::future::ready(Err(error()))),
+                None => self.memory.acquire(request),
+            }
         }
         fn renew<'a>(
             &'a self,
-            _: &'a RecordKey,
-            _: OwnerToken,
-            _: Duration,
+            key: &'a RecordKey,
+            owner: OwnerToken,
+            lease: Duration,
         ) -> StoreFuture<'a, bool> {
-            Box::pin(async { Err(StoreError::Timeout) })
+            if self.renewals_fail {
+                return Box::pin(std::future::ready(Err(StoreError::Timeout)));
+            }
+            self.memory.renew(key, owner, lease)
         }
-        fn complete<'a>(&'a self, _: CompleteRequest<'a>) -> StoreFuture<'a, bool> {
-            Box::pin(async { Err(StoreError::Timeout) })
+        fn complete<'a>(&'a self, request: CompleteRequest<'a>) -> StoreFuture<'a, bool> {
+            self.memory.complete(request)
         }
-        fn release<'a>(&'a self, _: &'a RecordKey, _: OwnerToken) -> StoreFuture<'a, ()> {
-            Box::pin(async { Err(StoreError::Timeout) })
+        fn release<'a>(&'a self, key: &'a RecordKey, owner: OwnerToken) -> StoreFuture<'a, ()> {
+            self.releases.fetch_add(1, Ordering::SeqCst);
+            self.memory.release(key, owner)
         }
     }
 
@@ -608,43 +626,24 @@ mod tests {
 
     #[tokio::test]
     async fn an_unreachable_store_fails_closed_unless_told_otherwise() {
-        let closed = Idempotency::builder().store(Unreachable).build();
+        let unreachable = || Faulty {
+            acquire_error: Some(refused),
+            ..Faulty::default()
+        };
+        let closed = Idempotency::builder().store(unreachable()).build();
         let response = send(&closed).await;
         assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(response.headers()[http::header::RETRY_AFTER], "1");
         assert_eq!(RUNS.load(Ordering::SeqCst), 0);
 
         let open = Idempotency::builder()
-            .store(Unreachable)
+            .store(unreachable())
             .fail_open(true)
             .build();
         let response = send(&open).await;
         assert_eq!(response.status(), StatusCode::OK);
         assert_eq!(response.headers()[&IDEMPOTENT_UNPROTECTED], "true");
         assert_eq!(RUNS.load(Ordering::SeqCst), 1);
-    }
-
-    /// Acquires and records like a `MemoryStore`, but every renewal fails.
-    struct RenewalsFail(MemoryStore);
-
-    impl Store for RenewalsFail {
-        fn acquire<'a>(&'a self, request: AcquireRequest<'a>) -> StoreFuture<'a, Acquired> {
-            self.0.acquire(request)
-        }
-        fn renew<'a>(
-            &'a self,
-            _: &'a RecordKey,
-            _: OwnerToken,
-            _: Duration,
-        ) -> StoreFuture<'a, bool> {
-            Box::pin(async { Err(StoreError::Timeout) })
-        }
-        fn complete<'a>(&'a self, request: CompleteRequest<'a>) -> StoreFuture<'a, bool> {
-            self.0.complete(request)
-        }
-        fn release<'a>(&'a self, key: &'a RecordKey, owner: OwnerToken) -> StoreFuture<'a, ()> {
-            self.0.release(key, owner)
-        }
     }
 
     static LONG: RouteConfig = RouteConfig::new("long").required(true);
@@ -664,7 +663,10 @@ mod tests {
     #[tokio::test]
     async fn a_lease_whose_renewals_all_fail_is_lost_once_it_runs_out() {
         let idem = Idempotency::builder()
-            .store(RenewalsFail(MemoryStore::default()))
+            .store(Faulty {
+                renewals_fail: true,
+                ..Faulty::default()
+            })
             .lease(Duration::from_millis(150))
             .build();
         let app = Router::new().route("/", post(long)).layer(idem.layer());
@@ -677,47 +679,17 @@ mod tests {
         assert_eq!(body, "false true");
     }
 
-    /// Fails every acquire with `error` and counts the releases it receives.
-    struct FailingAcquire {
-        error: fn() -> StoreError,
-        releases: Arc<AtomicUsize>,
-    }
-
-    impl Store for FailingAcquire {
-        fn acquire<'a>(&'a self, _: AcquireRequest<'a>) -> StoreFuture<'a, Acquired> {
-            let error = (self.error)();
-            Box::pin(async move { Err(error) })
-        }
-        fn renew<'a>(
-            &'a self,
-            _: &'a RecordKey,
-            _: OwnerToken,
-            _: Duration,
-        ) -> StoreFuture<'a, bool> {
-            Box::pin(async { Ok(false) })
-        }
-        fn complete<'a>(&'a self, _: CompleteRequest<'a>) -> StoreFuture<'a, bool> {
-            Box::pin(async { Ok(false) })
-        }
-        fn release<'a>(&'a self, _: &'a RecordKey, _: OwnerToken) -> StoreFuture<'a, ()> {
-            self.releases.fetch_add(1, Ordering::SeqCst);
-            Box::pin(async { Ok(()) })
-        }
-    }
-
     #[tokio::test]
     async fn only_a_timed_out_acquire_is_released_and_only_once() {
         for (error, expected) in [
-            (
-                (|| StoreError::Unavailable("connection refused".into())) as fn() -> StoreError,
-                0,
-            ),
+            (refused as fn() -> StoreError, 0),
             (|| StoreError::Timeout, 1),
         ] {
             let releases = Arc::new(AtomicUsize::new(0));
-            let store = FailingAcquire {
-                error,
+            let store = Faulty {
+                acquire_error: Some(error),
                 releases: Arc::clone(&releases),
+                ..Faulty::default()
             };
             let idem = Idempotency::builder().store(store).build();
             let response = send(&idem).await;
