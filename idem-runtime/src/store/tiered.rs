@@ -35,7 +35,7 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use moka::sync::Cache;
@@ -71,8 +71,8 @@ pub struct TieredStore<S> {
     inner: S,
     completed: Cache<RecordKey, CachedRecord, KeyHasher>,
     max_entry_ttl: Duration,
-    hits: Counter,
-    misses: Counter,
+    hits: AtomicU64,
+    misses: AtomicU64,
 }
 
 #[derive(Clone)]
@@ -102,38 +102,6 @@ impl moka::Expiry<RecordKey, CachedRecord> for CachedRecordExpiry {
         _: Option<Duration>,
     ) -> Option<Duration> {
         Some(record.expires_at.saturating_duration_since(now))
-    }
-}
-
-/// A statistics counter bumped on the replay path by every worker thread. One shared atomic
-/// would move its cache line between cores on every replay; each thread adds to a slot of its
-/// own instead, and reading adds the slots up.
-#[derive(Default)]
-struct Counter {
-    slots: [CounterSlot; COUNTER_SLOTS],
-}
-
-const COUNTER_SLOTS: usize = 8;
-
-#[derive(Default)]
-#[repr(align(128))]
-struct CounterSlot(AtomicU64);
-
-impl Counter {
-    fn add_one(&self) {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        thread_local! {
-            static SLOT: usize = NEXT.fetch_add(1, Ordering::Relaxed) % COUNTER_SLOTS;
-        }
-        let slot = SLOT.with(|slot| *slot);
-        self.slots[slot].0.fetch_add(1, Ordering::Relaxed);
-    }
-
-    fn get(&self) -> u64 {
-        self.slots
-            .iter()
-            .map(|slot| slot.0.load(Ordering::Relaxed))
-            .sum()
     }
 }
 
@@ -227,8 +195,8 @@ impl<S: Store> TieredStore<S> {
             inner,
             completed,
             max_entry_ttl: config.max_entry_ttl,
-            hits: Counter::default(),
-            misses: Counter::default(),
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
         }
     }
 
@@ -242,8 +210,8 @@ impl<S: Store> TieredStore<S> {
     pub fn stats(&self) -> TieredStats {
         self.completed.run_pending_tasks();
         TieredStats {
-            hits: self.hits.get(),
-            misses: self.misses.get(),
+            hits: self.hits.load(Ordering::Relaxed),
+            misses: self.misses.load(Ordering::Relaxed),
             entries: self.completed.entry_count(),
             weighted_size: self.completed.weighted_size(),
         }
@@ -292,7 +260,7 @@ impl<S: Store> Store for TieredStore<S> {
             if let Some(cached) = self.completed.get(request.key) {
                 let now = Instant::now();
                 if cached.expires_at > now {
-                    self.hits.add_one();
+                    self.hits.fetch_add(1, Ordering::Relaxed);
                     if cached.fingerprint != *request.fingerprint {
                         return Ok(Acquired::Mismatch);
                     }
@@ -302,7 +270,7 @@ impl<S: Store> Store for TieredStore<S> {
                     });
                 }
             }
-            self.misses.add_one();
+            self.misses.fetch_add(1, Ordering::Relaxed);
             // Measured before asking, so the cached copy cannot outlive the inner record.
             let asked_at = Instant::now();
             let answer = self.inner.acquire(request).await?;
