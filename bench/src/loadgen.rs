@@ -65,7 +65,7 @@ pub(crate) struct Load {
 /// What a run measured.
 #[derive(Debug, Default)]
 pub(crate) struct Outcome {
-    /// Every request answered (warm-up included): the denominator of per-request Redis figures.
+    /// Every request answered (warm-up included): the denominator of per-request CPU figures.
     pub(crate) total: u64,
     /// Latencies of the requests sent and answered inside the measured window, sorted, in ns.
     pub(crate) latencies: Vec<u64>,
