@@ -48,6 +48,11 @@ use crate::record::RecordedResult;
 /// embedded store's (key, fingerprint, deadline, moka's bookkeeping, allocator headers).
 const ENTRY_OVERHEAD: u32 = super::memory::RECORD_OVERHEAD;
 
+/// The bounds of the cache's time-to-live, whatever `max_entry_ttl` says: moka refuses a zero
+/// or a longer-than-a-thousand-years one. (A zero `max_entry_ttl` caches nothing anyway.)
+const MIN_CACHE_TTL: Duration = Duration::from_millis(1);
+const MAX_CACHE_TTL: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
 /// A store that answers replays of completed records from process memory, in front of a shared
 /// `inner` store (normally a [`RedisStore`](super::RedisStore)).
 ///
@@ -80,29 +85,6 @@ struct CachedRecord {
     fingerprint: Fingerprint,
     result: Arc<RecordedResult>,
     expires_at: Instant,
-}
-
-struct CachedRecordExpiry;
-
-impl moka::Expiry<RecordKey, CachedRecord> for CachedRecordExpiry {
-    fn expire_after_create(
-        &self,
-        _: &RecordKey,
-        record: &CachedRecord,
-        now: Instant,
-    ) -> Option<Duration> {
-        Some(record.expires_at.saturating_duration_since(now))
-    }
-
-    fn expire_after_update(
-        &self,
-        _: &RecordKey,
-        record: &CachedRecord,
-        now: Instant,
-        _: Option<Duration>,
-    ) -> Option<Duration> {
-        Some(record.expires_at.saturating_duration_since(now))
-    }
 }
 
 /// The settings of a [`TieredStore`]. Every setter states its default.
@@ -189,7 +171,9 @@ impl<S: Store> TieredStore<S> {
                     .unwrap_or(u32::MAX)
                     .saturating_add(ENTRY_OVERHEAD)
             })
-            .expire_after(CachedRecordExpiry)
+            // Every entry's own deadline is checked on each hit; moka only needs a bound, and one
+            // time-to-live for all entries spares each read a per-entry timer.
+            .time_to_live(config.max_entry_ttl.clamp(MIN_CACHE_TTL, MAX_CACHE_TTL))
             .build_with_hasher(KeyHasher::builder());
         Self {
             inner,
@@ -269,6 +253,8 @@ impl<S: Store> Store for TieredStore<S> {
                         ttl_left: cached.expires_at - now,
                     });
                 }
+                // Past its record's deadline but within the cache's time-to-live.
+                self.completed.invalidate(request.key);
             }
             self.misses.fetch_add(1, Ordering::Relaxed);
             // Measured before asking, so the cached copy cannot outlive the inner record.
@@ -413,6 +399,8 @@ mod tests {
             acquire(&store, &short, OwnerToken::generate(), &fp).await,
             Acquired::Execute { epoch: 1 }
         ));
+        // Its stale copy, still within the cache's time-to-live, was dropped on the way.
+        assert_eq!(store.stats().entries, 1);
         tokio::time::sleep(Duration::from_millis(40)).await;
         let misses = store.stats().misses;
         // The long record outlived the cap in memory: the inner store is asked again.
