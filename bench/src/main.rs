@@ -563,7 +563,9 @@ fn measure_once(
             redis.command_stats()
         });
         let outcome = loadgen::run(target, load);
-        let before = before.join().unwrap_or_else(|_| Err("INFO thread panicked".into()));
+        let before = before
+            .join()
+            .unwrap_or_else(|_| Err("INFO thread panicked".into()));
         before.map(|before| (before, outcome))
     })?;
     let cpu_after = cpu::Sample::now(Some(redis.pid()));

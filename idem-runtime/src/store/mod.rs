@@ -139,6 +139,12 @@ impl OwnerToken {
     pub fn generate() -> Self {
         static PROCESS: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
         static COUNTER: AtomicU64 = AtomicU64::new(0);
+        // Each thread takes counts in blocks, so that two cores generating tokens do not pass the
+        // counter's cache line back and forth on every request.
+        const BLOCK: u64 = 1024;
+        thread_local! {
+            static RESERVED: std::cell::Cell<(u64, u64)> = const { std::cell::Cell::new((0, 0)) };
+        }
         let prefix = *PROCESS.get_or_init(|| {
             let mut seed = [0_u8; 8];
             if getrandom::fill(&mut seed).is_err() {
@@ -152,12 +158,6 @@ impl OwnerToken {
             }
             u64::from_be_bytes(seed)
         });
-        // Each thread takes counts in blocks, so that two cores generating tokens do not pass the
-        // counter's cache line back and forth on every request.
-        const BLOCK: u64 = 1024;
-        thread_local! {
-            static RESERVED: std::cell::Cell<(u64, u64)> = const { std::cell::Cell::new((0, 0)) };
-        }
         let count = RESERVED.with(|reserved| {
             let (mut next, mut end) = reserved.get();
             if next == end {
