@@ -589,6 +589,34 @@ async fn key_flood_does_not_free_an_in_flight_key() {
     held.abort();
 }
 
+/// A key flood on a full store drops the oldest records, never the newest: after 5 000 payments
+/// through a 256 KiB `MemoryStore` (room for about 200), a retry of each of the last 50 is replayed
+/// with its first answer. (moka's default TinyLFU admission refuses a record whose key it has never
+/// seen, so most of these retries would charge again.)
+#[tokio::test]
+async fn key_flood_keeps_the_newest_records() {
+    let idem = Idempotency::builder()
+        .store(MemoryStore::new(256 << 10))
+        .build();
+    let app = payments::app(&idem, Settings::default());
+    let mut answers = Vec::new();
+    for i in 0..5_000 {
+        let first = send(&app, flood_request("flooder", &format!("k-{i}"))).await;
+        assert_eq!(first.status, 201, "{first:?}");
+        if i >= 4_950 {
+            answers.push((i, first.json()));
+        }
+    }
+    for (i, first) in answers {
+        let retry = send(&app, flood_request("flooder", &format!("k-{i}"))).await;
+        assert!(
+            retry.replayed(),
+            "the retry of key {i} ran again: {retry:?}"
+        );
+        assert_eq!(retry.json(), first, "key {i}");
+    }
+}
+
 /// Writes `raw` while reading the answer, for requests the server refuses before reading them
 /// to the end. `None` when the connection was reset before any answer could be read: the kernel
 /// may drop a response when the server closes with unread bytes (a RST).

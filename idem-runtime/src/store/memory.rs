@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
+use moka::policy::EvictionPolicy;
 use moka::sync::Cache;
 
 use super::{
@@ -33,8 +34,8 @@ const SHARDS: usize = 16;
 ///
 /// Completed records live in a [`moka`] cache bounded in bytes (the recorded responses plus a
 /// fixed overhead per record) and expire on their own deadline, the route's ttl. When the bound
-/// is reached the least useful completed records are evicted early, and an evicted key behaves
-/// as new; size the bound for your traffic (`records per ttl × (average response size + 1 KiB)`).
+/// is reached the least recently used completed records are evicted early (never the newest,
+/// which are the ones a retry is about to ask for), and an evicted key behaves as new; size the bound for your traffic (`records per ttl × (average response size + 1 KiB)`).
 /// Records in flight are never evicted. It serves one instance; a fleet needs a shared store.
 ///
 /// ```
@@ -119,6 +120,9 @@ impl MemoryStore {
                     .saturating_add(RECORD_OVERHEAD)
             })
             .expire_after(SettledExpiry)
+            // Least recently used goes first. moka's default (TinyLFU) refuses a new record whose
+            // key it has seen less often than its victims': a retry would run the handler again.
+            .eviction_policy(EvictionPolicy::lru())
             .build_with_hasher(KeyHasher::builder());
         Self {
             shards: Arc::new(std::array::from_fn(|_| Shard {
@@ -514,6 +518,52 @@ mod tests {
         let next = OwnerToken::generate();
         assert!(matches!(
             acquire_with(&store, &k, next, &print("b"), Duration::from_secs(5)).await,
+            Acquired::Execute { epoch: 1 }
+        ));
+    }
+
+    /// A retry comes soon after its first attempt, so a full store must drop its oldest records, not
+    /// refuse its newest: moka's default admission policy (TinyLFU) rejects a new record whose key
+    /// was never seen before, which here would make a retry run the handler again.
+    #[tokio::test]
+    async fn a_full_store_keeps_its_newest_records() {
+        // Room for about 100 records.
+        let store = MemoryStore::new(100 * u64::from(RECORD_OVERHEAD + 64));
+        let (fp, result) = (print("a"), Arc::new(RecordedResult::TooLarge));
+        let keys: Vec<RecordKey> = (0..3000).map(|i| key(&format!("flood-{i}"))).collect();
+        for k in &keys {
+            let owner = OwnerToken::generate();
+            acquire_with(&store, k, owner, &fp, Duration::from_secs(30)).await;
+            assert!(complete(&store, k, owner, &fp, &result, Duration::from_mins(1)).await);
+        }
+        let held = store.len();
+        assert!((50..=110).contains(&held), "held {held} records");
+        for k in &keys[keys.len() - 40..] {
+            assert!(
+                matches!(
+                    acquire_with(
+                        &store,
+                        k,
+                        OwnerToken::generate(),
+                        &fp,
+                        Duration::from_secs(30)
+                    )
+                    .await,
+                    Acquired::Completed { .. }
+                ),
+                "a recent record was dropped"
+            );
+        }
+        // The oldest went first.
+        assert!(matches!(
+            acquire_with(
+                &store,
+                &keys[0],
+                OwnerToken::generate(),
+                &fp,
+                Duration::from_secs(30)
+            )
+            .await,
             Acquired::Execute { epoch: 1 }
         ));
     }

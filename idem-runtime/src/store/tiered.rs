@@ -38,6 +38,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use moka::policy::EvictionPolicy;
 use moka::sync::Cache;
 
 use super::{AcquireRequest, Acquired, CompleteRequest, KeyHasher, OwnerToken, Store, StoreFuture};
@@ -70,8 +71,9 @@ const MAX_CACHE_TTL: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 /// on who runs. Each cached record expires no later than its record in `inner` (the deadline is
 /// measured from before the request that learned it), and within
 /// [`TieredConfig::max_entry_ttl`], so that a record an operator deletes from Redis stops being
-/// replayed after at most that long. The cache is bounded in bytes; evicted records are simply
-/// asked for again.
+/// replayed after at most that long. The cache is bounded in bytes and drops its least recently
+/// used records first (a retry follows its first attempt closely, so the newest records are the
+/// ones worth keeping); evicted records are simply asked for again.
 pub struct TieredStore<S> {
     inner: S,
     completed: Cache<RecordKey, CachedRecord, KeyHasher>,
@@ -174,6 +176,9 @@ impl<S: Store> TieredStore<S> {
             // Every entry's own deadline is checked on each hit; moka only needs a bound, and one
             // time-to-live for all entries spares each read a per-entry timer.
             .time_to_live(config.max_entry_ttl.clamp(MIN_CACHE_TTL, MAX_CACHE_TTL))
+            // Least recently used goes first. moka's default (TinyLFU) refuses a new entry whose key
+            // it has seen less often than its victims', which is every new key here.
+            .eviction_policy(EvictionPolicy::lru())
             .build_with_hasher(KeyHasher::builder());
         Self {
             inner,
@@ -380,6 +385,39 @@ mod tests {
         ));
         assert_eq!(store.stats().misses, after.misses + 1);
         assert_eq!(store.stats().entries, 1);
+    }
+
+    /// Retries follow their first attempt closely: a full cache drops its least recently used
+    /// records and keeps the newest (moka's default TinyLFU admission would refuse them, sending
+    /// the first retry of every new key to the inner store).
+    #[tokio::test]
+    async fn a_full_cache_keeps_its_newest_records() {
+        let config = TieredConfig::new()
+            .capacity_bytes(100 * u64::from(ENTRY_OVERHEAD + 64))
+            .max_entry_ttl(Duration::from_mins(1));
+        let store = TieredStore::with_config(MemoryStore::default(), config);
+        let (fp, result) = (print("a"), Arc::new(RecordedResult::TooLarge));
+        let keys: Vec<RecordKey> = (0..3000).map(|i| key(&format!("flood-{i}"))).collect();
+        for k in &keys {
+            let owner = OwnerToken::generate();
+            acquire(&store, k, owner, &fp).await;
+            assert!(complete(&store, k, owner, &fp, &result, Duration::from_mins(1)).await);
+        }
+        let before = store.stats();
+        assert!((50..=110).contains(&before.entries), "{before:?}");
+        for k in &keys[keys.len() - 40..] {
+            assert!(matches!(
+                acquire(&store, k, OwnerToken::generate(), &fp).await,
+                Acquired::Completed { .. }
+            ));
+        }
+        let after = store.stats();
+        assert_eq!(
+            after.hits - before.hits,
+            40,
+            "every recent record served from the cache"
+        );
+        assert_eq!(after.misses, before.misses);
     }
 
     #[tokio::test]
