@@ -591,7 +591,7 @@ async fn key_flood_does_not_free_an_in_flight_key() {
 
 /// A key flood on a full store drops the oldest records, never the newest: after 5 000 payments
 /// through a 256 KiB `MemoryStore` (room for about 200), a retry of each of the last 50 is replayed
-/// with its first answer. (moka's default TinyLFU admission refuses a record whose key it has never
+/// with its first answer. (moka's default `TinyLFU` admission refuses a record whose key it has never
 /// seen, so most of these retries would charge again.)
 #[tokio::test]
 async fn key_flood_keeps_the_newest_records() {

@@ -523,7 +523,7 @@ mod tests {
     }
 
     /// A retry comes soon after its first attempt, so a full store must drop its oldest records, not
-    /// refuse its newest: moka's default admission policy (TinyLFU) rejects a new record whose key
+    /// refuse its newest: moka's default admission policy (`TinyLFU`) rejects a new record whose key
     /// was never seen before, which here would make a retry run the handler again.
     #[tokio::test]
     async fn a_full_store_keeps_its_newest_records() {

@@ -388,7 +388,7 @@ mod tests {
     }
 
     /// Retries follow their first attempt closely: a full cache drops its least recently used
-    /// records and keeps the newest (moka's default TinyLFU admission would refuse them, sending
+    /// records and keeps the newest (moka's default `TinyLFU` admission would refuse them, sending
     /// the first retry of every new key to the inner store).
     #[tokio::test]
     async fn a_full_cache_keeps_its_newest_records() {
