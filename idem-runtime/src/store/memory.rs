@@ -35,7 +35,8 @@ const SHARDS: usize = 16;
 /// Completed records live in a [`moka`] cache bounded in bytes (the recorded responses plus a
 /// fixed overhead per record) and expire on their own deadline, the route's ttl. When the bound
 /// is reached the least recently used completed records are evicted early (never the newest,
-/// which are the ones a retry is about to ask for), and an evicted key behaves as new; size the bound for your traffic (`records per ttl × (average response size + 1 KiB)`).
+/// which are the ones a retry is about to ask for), and an evicted key behaves as new; size the
+/// bound for your traffic (`records per ttl × (average response size + 1 KiB)`).
 /// Records in flight are never evicted. It serves one instance; a fleet needs a shared store.
 ///
 /// ```
