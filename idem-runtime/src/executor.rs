@@ -22,7 +22,9 @@
 
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
@@ -190,14 +192,44 @@ where
         ttl: route.ttl,
         route,
     };
-    let task = runtime.tasks.spawn(attempt.run(handler).in_current_span());
-    match task.await {
-        Ok(response) => response,
-        // The task is never aborted; a join error means the runtime itself is going away.
-        Err(_) => problem(Problem::new(
-            ProblemKind::HandlerPanicked,
-            "the request was cancelled",
-        )),
+    let attempt = runtime
+        .tasks
+        .track_future(attempt.run(handler).in_current_span());
+    RunToCompletion(Some(Box::pin(attempt))).await
+}
+
+/// Polls an attempt in the request's own task and, if the request is dropped first (the client
+/// went away, or the server timed it out), hands what is left of it to a task of its own, so that
+/// the handler still runs to the end and its result is recorded. Running it in place spares every
+/// first execution a spawned task and the wake-ups between the two tasks.
+struct RunToCompletion<F: Future<Output = Response> + Send + 'static>(Option<Pin<Box<F>>>);
+
+impl<F: Future<Output = Response> + Send + 'static> Future for RunToCompletion<F> {
+    type Output = Response;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Response> {
+        let Some(attempt) = self.0.as_mut() else {
+            // Polled after it finished: a caller's bug, and nothing left to run.
+            return Poll::Pending;
+        };
+        let response = std::task::ready!(attempt.as_mut().poll(cx));
+        self.0 = None;
+        Poll::Ready(response)
+    }
+}
+
+impl<F: Future<Output = Response> + Send + 'static> Drop for RunToCompletion<F> {
+    fn drop(&mut self) {
+        let Some(attempt) = self.0.take() else {
+            return;
+        };
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            drop(handle.spawn(attempt));
+        } else {
+            // Dropped outside any runtime: there is nowhere to finish it. Its record stays in
+            // flight until the lease runs out, as after a crash.
+            tracing::warn!("an idempotent request was dropped outside a tokio runtime mid-handler");
+        }
     }
 }
 
@@ -644,6 +676,51 @@ mod tests {
         assert_eq!(response.status(), StatusCode::OK);
         assert_eq!(response.headers()[&IDEMPOTENT_UNPROTECTED], "true");
         assert_eq!(RUNS.load(Ordering::SeqCst), 1);
+    }
+
+    static GATED: RouteConfig = RouteConfig::new("gated").required(true);
+    static GATE: tokio::sync::Notify = tokio::sync::Notify::const_new();
+    static GATED_RUNS: AtomicUsize = AtomicUsize::new(0);
+
+    /// Waits for `GATE`, then answers with its run count.
+    async fn gated(body: Idempotent<String>) -> Response {
+        let (request, _) = body.into_parts();
+        execute(request, &GATED, Scope::NONE, async move {
+            GATE.notified().await;
+            format!("run {}", GATED_RUNS.fetch_add(1, Ordering::SeqCst) + 1)
+        })
+        .await
+    }
+
+    /// The handler runs in the request's own task; dropping that request mid-handler (what hyper
+    /// does when the client goes away) must hand the rest to a task of its own, which finishes the
+    /// handler and records its answer for the retry.
+    #[tokio::test]
+    async fn a_request_dropped_mid_handler_still_completes_and_records() {
+        let idem = Idempotency::builder().build();
+        let app = Router::new().route("/", post(gated)).layer(idem.layer());
+        let request = || {
+            Request::post("/")
+                .header("idempotency-key", "dropped")
+                .body(Body::from("x"))
+                .unwrap()
+        };
+        let mut first = Box::pin(app.clone().oneshot(request()));
+        while idem.running() == 0 {
+            assert!(futures_util::poll!(first.as_mut()).is_pending());
+            tokio::task::yield_now().await;
+        }
+        drop(first);
+        assert_eq!(idem.running(), 1, "the attempt outlives its request");
+        GATE.notify_one();
+        idem.shutdown().await;
+        assert_eq!(GATED_RUNS.load(Ordering::SeqCst), 1);
+
+        let retry = app.oneshot(request()).await.unwrap();
+        assert_eq!(retry.headers()["idempotent-replayed"], "true");
+        let body = retry.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body, "run 1");
+        assert_eq!(GATED_RUNS.load(Ordering::SeqCst), 1);
     }
 
     static LONG: RouteConfig = RouteConfig::new("long").required(true);

@@ -198,8 +198,8 @@ async fn a_client_disconnect_does_not_cancel_the_handler_and_the_retry_replays()
     let client = connect_and_write(server.addr, &request).await;
     ledger.wait_started(1).await;
     drop(client);
-    // Give hyper time to see the closed connection and drop the request's future; the handler
-    // runs in its own task, so it must live on.
+    // Give hyper time to see the closed connection and drop the request's future; what is left
+    // of the handler then moves to a task of its own, so it must live on.
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(idem.running(), 1, "the handler is still running");
     assert_eq!(ledger.finished(), 0);
