@@ -35,8 +35,8 @@ use proc_macro::TokenStream;
 /// Use it as `idem_runtime::idempotent` (the `idem-macros` crate is an implementation detail). It
 /// keeps your function as written and wraps it in a route function of the same name that: reads the
 /// key, fingerprints the request (method, route, path, query and body), claims the key in the store,
-/// runs your function in its own task (a client that disconnects does not cancel it), and records the
-/// response for replay. All of that lives in the runtime; the generated code is a thin shim (see
+/// runs your function to the end even if the client disconnects (what is left of it then moves to a
+/// task of its own), and records the response for replay. All of that lives in the runtime; the generated code is a thin shim (see
 /// "Equivalent code").
 ///
 /// Every argument is optional, and `#[idempotent]` alone is valid. Arguments are checked at compile

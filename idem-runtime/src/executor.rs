@@ -60,8 +60,9 @@ const STORE_RETRY_AFTER: Duration = Duration::from_secs(1);
 /// * No key on a route that requires one: `400 idempotency-key-missing`.
 /// * Otherwise acquires the record for `(scope, key)`: a completed record is replayed, a different
 ///   request with the same key is `422`, one still in flight is `409` (or awaited, with `wait`),
-///   and the first request runs `handler` in its own task, so a client that disconnects does not
-///   cancel it, and records the response according to the route's [`StorePolicy`](crate::StorePolicy).
+///   and the first request runs `handler` to the end even if its client disconnects (what is left
+///   of it then moves to a task of its own), and records the response according to the route's
+///   [`StorePolicy`](crate::StorePolicy).
 pub async fn execute<F, R>(
     request: IdempotentRequest,
     route: &'static RouteConfig,
@@ -242,7 +243,7 @@ struct Attempt {
 
 impl Attempt {
     /// Runs the handler (renewing the lease while it runs), then records or releases the result.
-    /// Runs inside its own task: everything here happens even if the client has gone.
+    /// Run by [`RunToCompletion`]: everything here happens even if the client has gone.
     async fn run<F, R>(self, handler: F) -> Response
     where
         F: Future<Output = R> + Send + 'static,
