@@ -707,10 +707,14 @@ mod tests {
                 .unwrap()
         };
         let mut first = Box::pin(app.clone().oneshot(request()));
-        while idem.running() == 0 {
+        for _ in 0..100 {
+            if idem.running() > 0 {
+                break;
+            }
             assert!(futures_util::poll!(first.as_mut()).is_pending());
             tokio::task::yield_now().await;
         }
+        assert_eq!(idem.running(), 1, "the handler started");
         drop(first);
         assert_eq!(idem.running(), 1, "the attempt outlives its request");
         GATE.notify_one();
