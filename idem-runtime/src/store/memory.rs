@@ -11,21 +11,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use moka::policy::EvictionPolicy;
 use moka::sync::Cache;
 
 use super::{
     AcquireRequest, Acquired, CompleteRequest, KeyHasher, OwnerToken, Store, StoreError,
-    StoreFuture,
+    StoreFuture, record_cache,
 };
 use crate::fingerprint::{Fingerprint, RecordKey};
 use crate::record::RecordedResult;
-
-/// Bytes charged per settled record on top of its recorded response: the key, fingerprint and
-/// deadline, moka's entry with its deque and timer nodes, the hash table's slot, the `Arc` and
-/// the allocator's headers. Measured with `idem-bench memory` (docs/BENCHMARKS.md), so that the
-/// byte bound is what the process really spends.
-pub(crate) const RECORD_OVERHEAD: u32 = 1024;
 
 /// Shards of the in-flight map: requests on different keys rarely wait for the same lock.
 const SHARDS: usize = 16;
@@ -109,22 +102,14 @@ impl MemoryStore {
 
     /// A store holding at most about `capacity_bytes` of settled records.
     pub fn new(capacity_bytes: u64) -> Self {
-        let settled = Cache::builder()
-            .max_capacity(capacity_bytes)
-            .weigher(|_: &RecordKey, record: &Settled| {
-                let result = record
-                    .completed
-                    .as_ref()
-                    .map_or(0, |(_, result)| result.weight());
-                u32::try_from(result)
-                    .unwrap_or(u32::MAX)
-                    .saturating_add(RECORD_OVERHEAD)
-            })
-            .expire_after(SettledExpiry)
-            // Least recently used goes first. moka's default (TinyLFU) refuses a new record whose
-            // key it has seen less often than its victims': a retry would run the handler again.
-            .eviction_policy(EvictionPolicy::lru())
-            .build_with_hasher(KeyHasher::builder());
+        let settled = record_cache(capacity_bytes, |record: &Settled| {
+            record
+                .completed
+                .as_ref()
+                .map_or(0, |(_, result)| result.weight())
+        })
+        .expire_after(SettledExpiry)
+        .build_with_hasher(KeyHasher::builder());
         Self {
             shards: Arc::new(std::array::from_fn(|_| Shard {
                 in_flight: Mutex::new(HashMap::with_hasher(KeyHasher::builder())),
@@ -379,6 +364,7 @@ impl Store for MemoryStore {
 mod tests {
     use super::*;
     use crate::record::RecordedResult;
+    use crate::store::RECORD_OVERHEAD;
     use crate::store::testing::{complete, key, print};
 
     async fn acquire_with(

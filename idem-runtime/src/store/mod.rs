@@ -67,6 +67,35 @@ pub use tiered::{TieredConfig, TieredStats, TieredStore};
 use crate::fingerprint::{Fingerprint, RecordKey};
 use crate::record::RecordedResult;
 
+/// Bytes charged per cached record on top of its recorded response: the key, fingerprint and
+/// deadline, moka's entry with its deque and timer nodes, the hash table's slot, the `Arc` and
+/// the allocator's headers. Measured with `idem-bench memory` (docs/BENCHMARKS.md), so that the
+/// byte bound is what the process really spends.
+pub(crate) const RECORD_OVERHEAD: u32 = 1024;
+
+/// The cache of records both in-process stores keep ([`MemoryStore`]'s settled records,
+/// [`TieredStore`]'s completed ones), up to its expiry settings: bounded to `capacity_bytes`, each
+/// entry weighing its response (`response_bytes`) plus [`RECORD_OVERHEAD`], least recently used
+/// evicted first. moka's default policy (`TinyLFU`) would instead refuse a new entry whose key it
+/// has seen less often than the entries it would evict, which at the bound is every new key: a
+/// retry of a recent key would miss its record (and, in the embedded store, run again).
+pub(crate) fn record_cache<V>(
+    capacity_bytes: u64,
+    response_bytes: fn(&V) -> usize,
+) -> moka::sync::CacheBuilder<RecordKey, V, moka::sync::Cache<RecordKey, V>>
+where
+    V: Clone + Send + Sync + 'static,
+{
+    moka::sync::Cache::builder()
+        .max_capacity(capacity_bytes)
+        .weigher(move |_: &RecordKey, value: &V| {
+            u32::try_from(response_bytes(value))
+                .unwrap_or(u32::MAX)
+                .saturating_add(RECORD_OVERHEAD)
+        })
+        .eviction_policy(moka::policy::EvictionPolicy::lru())
+}
+
 /// The hasher of the in-process stores' tables, keyed by [`RecordKey`].
 ///
 /// Record keys are SHA-256 digests, so hashing them again with `SipHash` (the standard library's

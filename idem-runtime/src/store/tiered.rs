@@ -38,16 +38,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use moka::policy::EvictionPolicy;
 use moka::sync::Cache;
 
-use super::{AcquireRequest, Acquired, CompleteRequest, KeyHasher, OwnerToken, Store, StoreFuture};
+use super::{
+    AcquireRequest, Acquired, CompleteRequest, KeyHasher, OwnerToken, Store, StoreFuture,
+    record_cache,
+};
 use crate::fingerprint::{Fingerprint, RecordKey};
 use crate::record::RecordedResult;
-
-/// Bytes charged per cached record on top of its response: the same measured overhead as the
-/// embedded store's (key, fingerprint, deadline, moka's bookkeeping, allocator headers).
-const ENTRY_OVERHEAD: u32 = super::memory::RECORD_OVERHEAD;
 
 /// The bounds of the cache's time-to-live, whatever `max_entry_ttl` says: moka refuses a zero
 /// or a longer-than-a-thousand-years one. (A zero `max_entry_ttl` caches nothing anyway.)
@@ -166,20 +164,13 @@ impl<S: Store> TieredStore<S> {
 
     /// `inner` with a cache configured by `config`.
     pub fn with_config(inner: S, config: TieredConfig) -> Self {
-        let completed = Cache::builder()
-            .max_capacity(config.capacity_bytes)
-            .weigher(|_: &RecordKey, record: &CachedRecord| {
-                u32::try_from(record.result.weight())
-                    .unwrap_or(u32::MAX)
-                    .saturating_add(ENTRY_OVERHEAD)
-            })
-            // Every entry's own deadline is checked on each hit; moka only needs a bound, and one
-            // time-to-live for all entries spares each read a per-entry timer.
-            .time_to_live(config.max_entry_ttl.clamp(MIN_CACHE_TTL, MAX_CACHE_TTL))
-            // Least recently used goes first. moka's default (TinyLFU) refuses a new entry whose key
-            // it has seen less often than its victims', which is every new key here.
-            .eviction_policy(EvictionPolicy::lru())
-            .build_with_hasher(KeyHasher::builder());
+        let completed = record_cache(config.capacity_bytes, |record: &CachedRecord| {
+            record.result.weight()
+        })
+        // Every entry's own deadline is checked on each hit; moka only needs a bound, and one
+        // time-to-live for all entries spares each read a per-entry timer.
+        .time_to_live(config.max_entry_ttl.clamp(MIN_CACHE_TTL, MAX_CACHE_TTL))
+        .build_with_hasher(KeyHasher::builder());
         Self {
             inner,
             completed,
@@ -325,6 +316,7 @@ impl<S: fmt::Debug> fmt::Debug for TieredStore<S> {
 mod tests {
     use super::*;
     use crate::store::MemoryStore;
+    use crate::store::RECORD_OVERHEAD;
     use crate::store::testing::{complete, key, print};
 
     async fn acquire(
@@ -364,7 +356,7 @@ mod tests {
         assert!(complete(&store, &k, owner, &fp, &result, Duration::from_mins(1)).await);
         let before = store.stats();
         assert_eq!(before.entries, 1);
-        assert!(before.weighted_size >= u64::from(ENTRY_OVERHEAD));
+        assert!(before.weighted_size >= u64::from(RECORD_OVERHEAD));
         assert!(matches!(
             acquire(&store, &k, OwnerToken::generate(), &fp).await,
             Acquired::Completed { .. }
@@ -393,7 +385,7 @@ mod tests {
     #[tokio::test]
     async fn a_full_cache_keeps_its_newest_records() {
         let config = TieredConfig::new()
-            .capacity_bytes(100 * u64::from(ENTRY_OVERHEAD + 64))
+            .capacity_bytes(100 * u64::from(RECORD_OVERHEAD + 64))
             .max_entry_ttl(Duration::from_mins(1));
         let store = TieredStore::with_config(MemoryStore::default(), config);
         let (fp, result) = (print("a"), Arc::new(RecordedResult::TooLarge));
