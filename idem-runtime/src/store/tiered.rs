@@ -26,9 +26,13 @@
 //! let done = CompleteRequest { key: &key, owner, fingerprint: &fingerprint, result: &result, ttl };
 //! assert!(store.complete(done).await?);
 //!
-//! // The replay is answered from memory, without asking the inner store.
-//! assert!(matches!(store.acquire(request(OwnerToken::generate())).await?, Acquired::Completed { .. }));
-//! assert_eq!(store.stats().hits, 1);
+//! // The first replay asks the inner store once and caches its answer; the next is answered
+//! // from memory, without asking the inner store.
+//! for _ in 0..2 {
+//!     let replay = store.acquire(request(OwnerToken::generate())).await?;
+//!     assert!(matches!(replay, Acquired::Completed { .. }));
+//! }
+//! assert_eq!((store.stats().misses, store.stats().hits), (2, 1));
 //! # Ok::<(), idem_runtime::store::StoreError>(())
 //! # }).unwrap();
 //! ```
@@ -58,11 +62,20 @@ const MAX_CACHE_TTL: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 /// * **acquire**: a cached record with the same fingerprint is replayed without asking `inner` (0
 ///   round trips); with a different fingerprint the answer is [`Acquired::Mismatch`]; otherwise
 ///   `inner` decides, and a [`Acquired::Completed`] answer is cached.
-/// * **complete**: `inner` records the result; when it accepts it, the result is cached too.
+/// * **complete**: `inner` records the result. The instance's own results are not cached unless
+///   [`TieredConfig::cache_own_results`] says so.
 /// * **renew** and **release** go to `inner` unchanged.
 ///
 /// Nothing is kept per request in flight: a first execution costs the inner store's acquire and
-/// complete plus one cache insert.
+/// complete and nothing else.
+///
+/// The cache fills from replays: the first retry of a key that reaches an instance costs one round
+/// trip, and every later one on that instance none. Most keys are never retried, and a retry
+/// reaches the instance that ran the request only by chance behind a load balancer, so caching
+/// every result on the way out would make every first execution pay a cache insert (and, at the
+/// bound, an eviction) for records that are almost never read, and would push the records that
+/// clients really retry out of the cache. Measured on the load benchmark: 15 µs of server CPU per
+/// first execution at the bound, and a quarter of its throughput (`docs/BENCHMARKS.md`).
 ///
 /// Only **completed** records are cached: they never change until they expire, so a cached copy
 /// is always right. In-flight state is always read from `inner`, which stays the single authority
@@ -76,6 +89,7 @@ pub struct TieredStore<S> {
     inner: S,
     completed: Cache<RecordKey, CachedRecord, KeyHasher>,
     max_entry_ttl: Duration,
+    cache_own_results: bool,
     hits: AtomicU64,
     misses: AtomicU64,
 }
@@ -95,7 +109,8 @@ struct CachedRecord {
 ///
 /// let config = TieredConfig::new()
 ///     .capacity_bytes(256 << 20)
-///     .max_entry_ttl(Duration::from_secs(5));
+///     .max_entry_ttl(Duration::from_secs(5))
+///     .cache_own_results(false);
 /// let store = TieredStore::with_config(MemoryStore::default(), config);
 /// # drop(store);
 /// ```
@@ -104,6 +119,7 @@ struct CachedRecord {
 pub struct TieredConfig {
     capacity_bytes: u64,
     max_entry_ttl: Duration,
+    cache_own_results: bool,
 }
 
 impl TieredConfig {
@@ -117,6 +133,7 @@ impl TieredConfig {
         Self {
             capacity_bytes: Self::DEFAULT_CAPACITY_BYTES,
             max_entry_ttl: Self::DEFAULT_MAX_ENTRY_TTL,
+            cache_own_results: false,
         }
     }
 
@@ -132,6 +149,16 @@ impl TieredConfig {
     /// disables the cache. Default: 10 s.
     pub const fn max_entry_ttl(mut self, ttl: Duration) -> Self {
         self.max_entry_ttl = ttl;
+        self
+    }
+
+    /// Whether the results this instance records itself are cached too (write-through), so that
+    /// even the first retry that comes back to this instance costs no round trip. Worth it only
+    /// where retries are frequent and come back to the instance that ran the request (a single
+    /// instance, sticky sessions): every first execution then pays a cache insert, and at the
+    /// bound an eviction. Default: `false`, the cache fills from replays only.
+    pub const fn cache_own_results(mut self, cache: bool) -> Self {
+        self.cache_own_results = cache;
         self
     }
 }
@@ -175,6 +202,7 @@ impl<S: Store> TieredStore<S> {
             inner,
             completed,
             max_entry_ttl: config.max_entry_ttl,
+            cache_own_results: config.cache_own_results,
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
         }
@@ -283,7 +311,7 @@ impl<S: Store> Store for TieredStore<S> {
         Box::pin(async move {
             let asked_at = Instant::now();
             let completed = self.inner.complete(request).await?;
-            if completed {
+            if completed && self.cache_own_results {
                 self.remember(
                     *request.key,
                     *request.fingerprint,
@@ -308,6 +336,7 @@ impl<S: fmt::Debug> fmt::Debug for TieredStore<S> {
             .field("entries", &self.completed.entry_count())
             .field("weighted_size", &self.completed.weighted_size())
             .field("max_entry_ttl", &self.max_entry_ttl)
+            .field("cache_own_results", &self.cache_own_results)
             .finish_non_exhaustive()
     }
 }
@@ -354,7 +383,15 @@ mod tests {
         assert_eq!(store.stats().entries, 0);
         let result = Arc::new(RecordedResult::TooLarge);
         assert!(complete(&store, &k, owner, &fp, &result, Duration::from_mins(1)).await);
+        // The instance's own result is not cached: its first replay asks the inner store.
+        assert_eq!(store.stats().entries, 0);
+        let misses = store.stats().misses;
+        assert!(matches!(
+            acquire(&store, &k, OwnerToken::generate(), &fp).await,
+            Acquired::Completed { .. }
+        ));
         let before = store.stats();
+        assert_eq!(before.misses, misses + 1);
         assert_eq!(before.entries, 1);
         assert!(before.weighted_size >= u64::from(RECORD_OVERHEAD));
         assert!(matches!(
@@ -379,6 +416,25 @@ mod tests {
         assert_eq!(store.stats().entries, 1);
     }
 
+    #[tokio::test]
+    async fn own_results_are_cached_when_asked() {
+        let config = TieredConfig::new().cache_own_results(true);
+        let store = TieredStore::with_config(MemoryStore::default(), config);
+        let (k, fp) = (key("k"), print("a"));
+        let owner = OwnerToken::generate();
+        acquire(&store, &k, owner, &fp).await;
+        let result = Arc::new(RecordedResult::TooLarge);
+        assert!(complete(&store, &k, owner, &fp, &result, Duration::from_mins(1)).await);
+        let before = store.stats();
+        assert_eq!(before.entries, 1);
+        assert!(matches!(
+            acquire(&store, &k, OwnerToken::generate(), &fp).await,
+            Acquired::Completed { .. }
+        ));
+        let after = store.stats();
+        assert_eq!((after.hits, after.misses), (before.hits + 1, before.misses));
+    }
+
     /// Retries follow their first attempt closely: a full cache drops its least recently used
     /// records and keeps the newest (moka's default `TinyLFU` admission would refuse them, sending
     /// the first retry of every new key to the inner store).
@@ -386,7 +442,8 @@ mod tests {
     async fn a_full_cache_keeps_its_newest_records() {
         let config = TieredConfig::new()
             .capacity_bytes(100 * u64::from(RECORD_OVERHEAD + 64))
-            .max_entry_ttl(Duration::from_mins(1));
+            .max_entry_ttl(Duration::from_mins(1))
+            .cache_own_results(true);
         let store = TieredStore::with_config(MemoryStore::default(), config);
         let (fp, result) = (print("a"), Arc::new(RecordedResult::TooLarge));
         let keys: Vec<RecordKey> = (0..3000).map(|i| key(&format!("flood-{i}"))).collect();
@@ -414,7 +471,9 @@ mod tests {
 
     #[tokio::test]
     async fn entries_expire_with_the_record_and_within_the_cap() {
-        let config = TieredConfig::new().max_entry_ttl(Duration::from_millis(60));
+        let config = TieredConfig::new()
+            .max_entry_ttl(Duration::from_millis(60))
+            .cache_own_results(true);
         let store = TieredStore::with_config(MemoryStore::default(), config);
         let (short, long, fp) = (key("short"), key("long"), print("a"));
         for (k, ttl) in [(&short, 30), (&long, 60_000)] {
@@ -443,7 +502,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_lost_completion_is_not_cached() {
-        let store = TieredStore::new(MemoryStore::default());
+        let config = TieredConfig::new().cache_own_results(true);
+        let store = TieredStore::with_config(MemoryStore::default(), config);
         let (k, fp) = (key("k"), print("a"));
         let owner = OwnerToken::generate();
         acquire(&store, &k, owner, &fp).await;
