@@ -54,7 +54,7 @@ LOAD OPTIONS (environment variable in brackets):
     --pool N              keys replayed by the replay scenarios [default 1000]
     --server-threads N    server tokio worker threads         [IDEM_BENCH_SERVER_THREADS, default 2]
     --only LIST           comma-separated scenario ids (bare is always run): embedded, redis,
-                          floor2, replay-moka, floor1, replay-redis
+                          floor2, replay-moka, floor-replay, floor1, replay-redis
     --verbose             print each scenario's Redis command breakdown
 
 MEMORY OPTIONS:
@@ -391,8 +391,14 @@ fn load(options: &Options) -> Result<(), String> {
         .into_iter()
         .filter(|s| s.id == "bare" || options.wants(s.id))
         .collect();
-    if scenarios.iter().any(|s| s.id.starts_with("replay")) {
-        prime_pool(instances.tiered, options)?;
+    if scenarios
+        .iter()
+        .any(|s| s.id == "replay-moka" || s.id == "replay-redis")
+    {
+        prime_pool(instances.tiered, "/idem", options)?;
+    }
+    if scenarios.iter().any(|s| s.id == "floor-replay") {
+        prime_pool(instances.floor, "/floor-replay", options)?;
     }
 
     print_setup(options);
@@ -495,6 +501,14 @@ fn scenarios(instances: &Instances) -> Vec<Scenario> {
             expect_replayed: true,
         },
         Scenario {
+            id: "floor-replay",
+            name: "floor: bare + a minimal in-memory replay",
+            addr: floor,
+            path: "/floor-replay",
+            keys: |_, pool| Keys::Pool("pool".into(), pool),
+            expect_replayed: true,
+        },
+        Scenario {
             id: "floor1",
             name: "floor: bare + 1 minimal Redis round trip",
             addr: floor,
@@ -580,8 +594,10 @@ fn measure_once(
     })
 }
 
-/// Records the replay pool's keys once, through instance B: they land in Redis and in B's cache.
-fn prime_pool(tiered: SocketAddr, options: &Options) -> Result<(), String> {
+/// Records the replay pool's keys once through `path` at `addr`: through instance B they land in
+/// Redis (B caches each on its first replay, in the first warm-up); through the floor app, in its
+/// map.
+fn prime_pool(addr: SocketAddr, path: &'static str, options: &Options) -> Result<(), String> {
     let prime = Load {
         connections: options.connections,
         warmup: Duration::ZERO,
@@ -590,8 +606,8 @@ fn prime_pool(tiered: SocketAddr, options: &Options) -> Result<(), String> {
         rate: None,
     };
     let target = Target {
-        addr: tiered,
-        path: "/idem",
+        addr,
+        path,
         keys: Keys::Fresh("pool".into()),
         expect_replayed: false,
     };
