@@ -416,10 +416,15 @@ mod tests {
         assert_eq!(store.stats().entries, 1);
     }
 
+    /// A store that caches its own results too.
+    fn write_through() -> TieredStore<MemoryStore> {
+        let config = TieredConfig::new().cache_own_results(true);
+        TieredStore::with_config(MemoryStore::default(), config)
+    }
+
     #[tokio::test]
     async fn own_results_are_cached_when_asked() {
-        let config = TieredConfig::new().cache_own_results(true);
-        let store = TieredStore::with_config(MemoryStore::default(), config);
+        let store = write_through();
         let (k, fp) = (key("k"), print("a"));
         let owner = OwnerToken::generate();
         acquire(&store, &k, owner, &fp).await;
@@ -502,8 +507,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_lost_completion_is_not_cached() {
-        let config = TieredConfig::new().cache_own_results(true);
-        let store = TieredStore::with_config(MemoryStore::default(), config);
+        let store = write_through();
         let (k, fp) = (key("k"), print("a"));
         let owner = OwnerToken::generate();
         acquire(&store, &k, owner, &fp).await;
