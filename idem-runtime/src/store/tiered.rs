@@ -308,10 +308,13 @@ impl<S: Store> Store for TieredStore<S> {
     }
 
     fn complete<'a>(&'a self, request: CompleteRequest<'a>) -> StoreFuture<'a, bool> {
+        if !self.cache_own_results {
+            return self.inner.complete(request);
+        }
         Box::pin(async move {
             let asked_at = Instant::now();
             let completed = self.inner.complete(request).await?;
-            if completed && self.cache_own_results {
+            if completed {
                 self.remember(
                     *request.key,
                     *request.fingerprint,
