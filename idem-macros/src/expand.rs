@@ -19,8 +19,6 @@ pub(crate) fn expand(spec: &Spec) -> TokenStream {
         .map(|i| format_ident!("idem_arg{}", i, span = mixed))
         .collect();
     let last = &args[arg_count - 1];
-    let request = Ident::new("idem_request", mixed);
-    let scope = Ident::new("idem_scope", mixed);
     let route = Ident::new("IDEM_ROUTE", mixed);
 
     let outer_params = if handler.params.is_empty() {
@@ -70,6 +68,48 @@ pub(crate) fn expand(spec: &Spec) -> TokenStream {
         quote_spanned!(setter.span=> .#method(#value))
     });
 
+    let name = &handler.sig.ident;
+    let call = quote!(#name(#(#call_args),*));
+    let run = runtime_call(spec, &private, &args, &unwrapped_last, &call);
+
+    let outer_attrs = &handler.outer_attrs;
+    let inner_attrs = &handler.inner_attrs;
+    let vis = &handler.vis;
+    let sig = &handler.sig;
+    let asyncness = &sig.asyncness;
+    let fn_token = &sig.fn_token;
+    let block = &handler.block;
+
+    quote! {
+        #(#outer_attrs)*
+        #vis #asyncness #fn_token #name(#outer_params) -> #private::Response {
+            // The user's function is async by contract (the attribute requires it), whether or not its
+            // body awaits; called directly here, clippy would otherwise flag bodies without `.await`.
+            #[allow(clippy::unused_async)]
+            #(#inner_attrs)*
+            #sig #block
+            static #route: #private::RouteConfig = #private::RouteConfig::new(#route_name) #(#setters)*;
+            #run
+        }
+    }
+}
+
+/// The scope, then the call into the runtime with `call` (the user's function called with every
+/// positional argument). The wrapped extractor runs only if the handler does (a replay never parses
+/// the body), unless the scope comes out of it: then it runs first.
+fn runtime_call(
+    spec: &Spec,
+    private: &TokenStream,
+    args: &[Ident],
+    unwrapped_last: &TokenStream,
+    call: &TokenStream,
+) -> TokenStream {
+    let mixed = Span::mixed_site();
+    let request = Ident::new("idem_request", mixed);
+    let scope = Ident::new("idem_scope", mixed);
+    let route = Ident::new("IDEM_ROUTE", mixed);
+    let last = &args[args.len() - 1];
+
     let scope_value = if let Some(found) = &spec.scope {
         let pattern = &found.pattern;
         let arg = &args[found.param];
@@ -83,28 +123,26 @@ pub(crate) fn expand(spec: &Spec) -> TokenStream {
     } else {
         quote!(#private::Scope::NONE)
     };
+    let scope_from_last = spec
+        .scope
+        .as_ref()
+        .is_some_and(|found| !spec.handler.params.is_empty() && found.param + 1 == args.len());
 
-    let outer_attrs = &handler.outer_attrs;
-    let inner_attrs = &handler.inner_attrs;
-    let vis = &handler.vis;
-    let sig = &handler.sig;
-    let asyncness = &sig.asyncness;
-    let fn_token = &sig.fn_token;
-    let name = &sig.ident;
-    let block = &handler.block;
-
-    quote! {
-        #(#outer_attrs)*
-        #vis #asyncness #fn_token #name(#outer_params) -> #private::Response {
-            // The user's function is async by contract (the attribute requires it), whether or not its
-            // body awaits; called directly here, clippy would otherwise flag bodies without `.await`.
-            #[allow(clippy::unused_async)]
-            #(#inner_attrs)*
-            #sig #block
-            static #route: #private::RouteConfig = #private::RouteConfig::new(#route_name) #(#setters)*;
-            let (#request, #unwrapped_last) = #private::Idempotent::into_parts(#last);
+    if scope_from_last {
+        let extracted = Ident::new("idem_extracted", mixed);
+        let rejection = Ident::new("idem_rejection", mixed);
+        quote! {
+            let (#request, #last) = match #private::Idempotent::extract(#last).await {
+                ::core::result::Result::Ok(#extracted) => #extracted,
+                ::core::result::Result::Err(#rejection) => return #rejection,
+            };
             let #scope = #scope_value;
-            #private::execute(#request, &#route, #scope, #name(#(#call_args),*)).await
+            #private::execute_extracted(#request, &#route, #scope, #call).await
+        }
+    } else {
+        quote! {
+            let #scope = #scope_value;
+            #private::execute(#last, &#route, #scope, move |#unwrapped_last| #call).await
         }
     }
 }

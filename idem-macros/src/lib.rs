@@ -180,25 +180,28 @@ use proc_macro::TokenStream;
 ///         ::idem_runtime::__private::RouteConfig::new("create_payment")
 ///             .required(true)
 ///             .ttl(::idem_runtime::__private::Duration::from_secs(86400));
-///     // The wrapper around the last extractor read the key and fingerprinted the request.
-///     let (idem_request, idem_arg2) = ::idem_runtime::__private::Idempotent::into_parts(idem_arg2);
 ///     // `scope = user_id`: your pattern, keeping only `user_id`, matched by reference.
 ///     let idem_scope = {
 ///         let AuthUser(user_id) = &idem_arg0;
 ///         ::idem_runtime::__private::scope(user_id)
 ///     };
+///     // The wrapper around the last extractor read the key and fingerprinted the request; `Json`
+///     // itself is extracted, and your function called, only if the request is not a replay
+///     // answered from memory.
 ///     ::idem_runtime::__private::execute(
-///         idem_request,
+///         idem_arg2,
 ///         &IDEM_ROUTE,
 ///         idem_scope,
-///         create_payment(idem_arg0, idem_arg1, idem_arg2),
+///         move |idem_arg2| create_payment(idem_arg0, idem_arg1, idem_arg2),
 ///     )
 ///     .await
 /// }
 /// ```
 ///
 /// Without `scope`, `idem_scope` is `Scope::NONE`. A handler without parameters gets one,
-/// `idem_arg0: Idempotent<()>`, which is not passed on.
+/// `idem_arg0: Idempotent<()>`, which is not passed on. When the scope is bound by the last
+/// parameter itself, that extractor runs first (`Idempotent::extract`) and the handler's future is
+/// passed to `execute_extracted` instead; see `docs/EXPANSION.md`.
 ///
 /// # Limitations
 ///
@@ -207,6 +210,12 @@ use proc_macro::TokenStream;
 ///   `Multipart`, …) or any other extractor. The wrapper reads the body once into memory to
 ///   fingerprint it, within axum's `DefaultBodyLimit` (an oversized body is still a `413`), then hands
 ///   `T` the same bytes; there is no separate body limit to configure.
+/// * **`T` runs only when it has to.** A replay answered from process memory (the embedded store,
+///   or a `TieredStore`'s cache) does not extract `T`: the body is not parsed again, and a retry
+///   identical to the first request in method, path, query and body gets the recorded answer even
+///   if a header `T` checks (such as `Content-Type`) changed. Otherwise `T` runs before the store
+///   is asked, so a request it rejects never creates a record. When `scope` names a binding of the
+///   last parameter, `T` runs first on every request.
 /// * **No extractor slot is used.** The wrapper replaces the last parameter's type instead of adding
 ///   a hidden parameter, so a handler keeps all 16 of the parameters axum allows.
 /// * **The function becomes a route function.** Its parameters are the positional ones shown above and

@@ -14,11 +14,14 @@
 //! static ROUTE: RouteConfig = RouteConfig::new("create").required(true);
 //!
 //! async fn create_idempotent(body: Idempotent<Json<u64>>) -> Response {
-//!     let (request, body) = body.into_parts();
-//!     execute(request, &ROUTE, Scope::NONE, create(body)).await
+//!     // `Json` is extracted only if `create` runs: a replay never parses the body.
+//!     execute(body, &ROUTE, Scope::NONE, create).await
 //! }
 //! # let _: axum::routing::MethodRouter = axum::routing::post(create_idempotent);
 //! ```
+//!
+//! When the scope comes out of the wrapped extractor itself, extract it first with
+//! [`Idempotent::extract`](crate::Idempotent::extract) and call [`execute_extracted`].
 
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
@@ -36,7 +39,7 @@ use http_body_util::BodyExt;
 use tracing::{Instrument as _, field};
 
 use crate::config::{RouteConfig, Runtime};
-use crate::extract::{ContextState, IdempotentRequest, Keyed, Mode};
+use crate::extract::{ContextState, Idempotent, IdempotentRequest, Keyed, Mode};
 use crate::fingerprint::{Fingerprint, RecordKey, Scope};
 use crate::problem::{Problem, ProblemKind};
 use crate::record::{RecordedResult, StoredResponse};
@@ -54,25 +57,79 @@ const IN_PROGRESS_RETRY_AFTER: Duration = Duration::from_secs(1);
 /// How long a client is told to wait when the store is unavailable.
 const STORE_RETRY_AFTER: Duration = Duration::from_secs(1);
 
-/// Runs one request of an `#[idempotent]` route.
+/// Runs one request of an `#[idempotent]` route: `handler` is called with the wrapped extractor's
+/// `T` only if the request is to run.
 ///
-/// * A safe method, or no key on a route that does not require one: runs `handler` as usual.
+/// * A safe method, or no key on a route that does not require one: extracts `T` and runs
+///   `handler` as usual.
 /// * No key on a route that requires one: `400 idempotency-key-missing`.
-/// * Otherwise acquires the record for `(scope, key)`: a completed record is replayed, a different
-///   request with the same key is `422`, one still in flight is `409` (or awaited, with `wait`),
-///   and the first request runs `handler` to the end even if its client disconnects (what is left
-///   of it then moves to a task of its own), and records the response according to the route's
-///   [`StorePolicy`](crate::StorePolicy).
-pub async fn execute<F, R>(
+/// * Otherwise acquires the record for `(scope, key)`: a completed record is replayed (`T` is never
+///   extracted, the body never parsed), a different request with the same key is `422`, one still
+///   in flight is `409` (or awaited, with `wait`). The request that owns the record extracts `T`
+///   (a rejection is answered as is and releases the key) and runs `handler` to the end even if
+///   its client disconnects (what is left of it then moves to a task of its own), and records the
+///   response according to the route's [`StorePolicy`](crate::StorePolicy).
+pub fn execute<T, H, F, R>(
+    request: Idempotent<T>,
+    route: &'static RouteConfig,
+    scope: Scope,
+    handler: H,
+) -> impl Future<Output = Response> + Send
+where
+    T: Send + 'static,
+    H: FnOnce(T) -> F + Send + 'static,
+    F: Future<Output = R> + Send + 'static,
+    R: IntoResponse + 'static,
+{
+    let (request, extraction) = request.into_deferred();
+    let work: Work = Box::new(move || {
+        Box::pin(async move {
+            let argument = extraction().await?;
+            let running: Running = Box::pin(async move { handler(argument).await.into_response() });
+            Ok(running)
+        })
+    });
+    respond(request, route, scope, work)
+}
+
+/// [`execute`] for a handler whose argument was already extracted with
+/// [`Idempotent::extract`](crate::Idempotent::extract): `handler` is its future, run only if the
+/// request is to run.
+pub fn execute_extracted<F, R>(
     request: IdempotentRequest,
     route: &'static RouteConfig,
     scope: Scope,
     handler: F,
-) -> Response
+) -> impl Future<Output = Response> + Send
 where
     F: Future<Output = R> + Send + 'static,
     R: IntoResponse + 'static,
 {
+    let work: Work = Box::new(move || {
+        let running: Running = Box::pin(async move { handler.await.into_response() });
+        Box::pin(std::future::ready(Ok(running)))
+    });
+    respond(request, route, scope, work)
+}
+
+/// The handler's argument still to extract, and the handler: started only when the request is not
+/// answered from memory, it extracts the argument and yields the handler ready to run, or the
+/// extractor's rejection. Boxed, so that the executor is compiled once and its futures hold no
+/// handler types.
+type Work = Box<dyn FnOnce() -> Extracting + Send>;
+
+/// [`Work`] started: extracting the handler's argument.
+type Extracting = Pin<Box<dyn Future<Output = Result<Running, Response>> + Send>>;
+
+/// The handler, its argument extracted.
+type Running = Pin<Box<dyn Future<Output = Response> + Send>>;
+
+async fn respond(
+    request: IdempotentRequest,
+    route: &'static RouteConfig,
+    scope: Scope,
+    work: Work,
+) -> Response {
     match request.mode {
         Mode::NoKey(runtime) if route.required => {
             tracing::debug!(
@@ -85,7 +142,10 @@ where
                 "this request must carry an `Idempotency-Key` header",
             ))
         }
-        Mode::Bypass | Mode::NoKey(_) => handler.await.into_response(),
+        Mode::Bypass | Mode::NoKey(_) => match work().await {
+            Ok(handler) => handler.await,
+            Err(rejection) => rejection,
+        },
         Mode::Keyed(keyed) => {
             let record = RecordKey::new(&scope, &keyed.key);
             let span = tracing::debug_span!(
@@ -95,21 +155,38 @@ where
                 outcome = field::Empty,
                 epoch = field::Empty,
             );
+            // A completed record held in process memory is answered at once: the handler's
+            // extractor never runs, so a replay costs no parsing of the body.
+            let problem = |problem: Problem| keyed.runtime.problem_response(&problem);
+            match keyed
+                .runtime
+                .inner
+                .store
+                .cached(&record, &keyed.fingerprint)
+            {
+                Some(Acquired::Completed { result, ttl_left }) => {
+                    return span.in_scope(|| replay(&result, ttl_left, &problem));
+                }
+                Some(Acquired::Mismatch) => return span.in_scope(|| key_reused(&problem)),
+                Some(Acquired::Execute { .. } | Acquired::InFlight { .. }) | None => {}
+            }
+            // Otherwise the extractor runs before the store is asked: a request it rejects leaves
+            // no record, and a corrected retry with the same key runs normally.
+            let handler = match work().await {
+                Ok(handler) => handler,
+                Err(rejection) => return rejection,
+            };
             run(keyed, record, route, handler).instrument(span).await
         }
     }
 }
 
-async fn run<F, R>(
+async fn run(
     keyed: Keyed,
     record: RecordKey,
     route: &'static RouteConfig,
-    handler: F,
-) -> Response
-where
-    F: Future<Output = R> + Send + 'static,
-    R: IntoResponse + 'static,
-{
+    handler: Running,
+) -> Response {
     let runtime = &keyed.runtime.inner;
     let owner = OwnerToken::generate();
     let lease = route.lease.unwrap_or(runtime.lease);
@@ -131,13 +208,7 @@ where
             Ok(Acquired::Completed { result, ttl_left }) => {
                 return replay(&result, ttl_left, &problem);
             }
-            Ok(Acquired::Mismatch) => {
-                outcome("mismatch");
-                return problem(Problem::new(
-                    ProblemKind::KeyReused,
-                    "this Idempotency-Key was already used for a different request (method, path, query or body)",
-                ));
-            }
+            Ok(Acquired::Mismatch) => return key_reused(&problem),
             Ok(Acquired::InFlight { lease_left }) => {
                 let now = Instant::now();
                 match wait_until {
@@ -146,7 +217,7 @@ where
                         backoff = (backoff * 2).min(Duration::from_millis(100));
                     }
                     _ => {
-                        outcome("conflict");
+                        outcome_of("conflict");
                         return problem(
                             Problem::new(
                                 ProblemKind::RequestInProgress,
@@ -159,9 +230,9 @@ where
             }
             Err(error) if runtime.fail_open => {
                 abandon(runtime, record, owner, &error);
-                outcome("unprotected");
+                outcome_of("unprotected");
                 tracing::warn!(%error, "idempotency store unavailable: running the handler unprotected (fail-open)");
-                let mut response = handler.await.into_response();
+                let mut response = handler.await;
                 response.headers_mut().insert(
                     IDEMPOTENT_UNPROTECTED.clone(),
                     HeaderValue::from_static("true"),
@@ -175,7 +246,7 @@ where
         }
     };
 
-    outcome("executed");
+    outcome_of("executed");
     tracing::Span::current().record("epoch", epoch);
     if let Some(context) = &keyed.context {
         context.enter(&keyed.key, epoch);
@@ -244,13 +315,9 @@ struct Attempt {
 impl Attempt {
     /// Runs the handler (renewing the lease while it runs), then records or releases the result.
     /// Run by [`RunToCompletion`]: everything here happens even if the client has gone.
-    async fn run<F, R>(self, handler: F) -> Response
-    where
-        F: Future<Output = R> + Send + 'static,
-        R: IntoResponse,
-    {
+    async fn run(self, handler: Running) -> Response {
         let runtime = Arc::clone(&self.lease.runtime);
-        let handler = AssertUnwindSafe(async move { handler.await.into_response() }).catch_unwind();
+        let handler = AssertUnwindSafe(handler).catch_unwind();
         let mut handler = std::pin::pin!(handler);
         let outcome = tokio::select! {
             biased;
@@ -475,7 +542,7 @@ fn abandon(runtime: &Arc<Runtime>, record: RecordKey, owner: OwnerToken, error: 
     );
 }
 
-fn outcome(outcome: &'static str) {
+fn outcome_of(outcome: &'static str) {
     tracing::Span::current().record("outcome", outcome);
 }
 
@@ -487,7 +554,7 @@ fn replay(
     problem: &impl Fn(Problem) -> Response,
 ) -> Response {
     let RecordedResult::Response(stored) = result else {
-        outcome("unavailable");
+        outcome_of("unavailable");
         return problem(
             Problem::new(
                 ProblemKind::ResultUnavailable,
@@ -496,7 +563,7 @@ fn replay(
             .with_retry_after(ttl_left),
         );
     };
-    outcome("replayed");
+    outcome_of("replayed");
     let mut response = Response::new(Body::from(stored.body.clone()));
     *response.status_mut() = stored.status;
     let headers = response.headers_mut();
@@ -510,8 +577,16 @@ fn replay(
     response
 }
 
+fn key_reused(problem: &impl Fn(Problem) -> Response) -> Response {
+    outcome_of("mismatch");
+    problem(Problem::new(
+        ProblemKind::KeyReused,
+        "this Idempotency-Key was already used for a different request (method, path, query or body)",
+    ))
+}
+
 fn store_unavailable(error: &StoreError, problem: &impl Fn(Problem) -> Response) -> Response {
-    outcome("store_error");
+    outcome_of("store_error");
     tracing::warn!(%error, "idempotency store unavailable: request refused");
     problem(
         Problem::new(
@@ -640,8 +715,7 @@ mod tests {
     static ROUTE: RouteConfig = RouteConfig::new("charge").required(true);
 
     async fn charge(body: Idempotent<String>) -> Response {
-        let (request, body) = body.into_parts();
-        execute(request, &ROUTE, Scope::NONE, async move {
+        execute(body, &ROUTE, Scope::NONE, |body| async move {
             RUNS.fetch_add(1, Ordering::SeqCst);
             body
         })
@@ -685,8 +759,7 @@ mod tests {
 
     /// Waits for `GATE`, then answers with its run count.
     async fn gated(body: Idempotent<String>) -> Response {
-        let (request, _) = body.into_parts();
-        execute(request, &GATED, Scope::NONE, async move {
+        execute(body, &GATED, Scope::NONE, |_| async move {
             GATE.notified().await;
             format!("run {}", GATED_RUNS.fetch_add(1, Ordering::SeqCst) + 1)
         })
@@ -732,8 +805,7 @@ mod tests {
 
     /// Reports whether its lease was lost soon after it started and once the lease ran out.
     async fn long(context: IdempotencyContext, body: Idempotent<String>) -> Response {
-        let (request, _) = body.into_parts();
-        execute(request, &LONG, Scope::NONE, async move {
+        execute(body, &LONG, Scope::NONE, |_| async move {
             tokio::time::sleep(Duration::from_millis(5)).await;
             let early = context.lease_lost();
             tokio::time::sleep(Duration::from_millis(400)).await;

@@ -3,8 +3,10 @@
 //!
 //! [`Idempotent<T>`] runs wherever `T` would: it reads the `Idempotency-Key` header, buffers the body
 //! once (honouring axum's [`DefaultBodyLimit`](axum::extract::DefaultBodyLimit), so an oversized
-//! body is still a `413`), fingerprints the request, and hands `T` a body made from the same bytes
-//! (no copy). `T`'s rejection is returned unchanged, before any record exists.
+//! body is still a `413`) and fingerprints the request. `T` itself runs later, and only if the
+//! handler is going to: [`execute`](crate::execute) extracts it from the same bytes (no copy) once
+//! the request owns its record, so a replay never parses the body. `T`'s rejection is returned
+//! unchanged and the key is released, so a corrected retry runs normally.
 //!
 //! ```
 //! use axum::Json;
@@ -17,12 +19,15 @@
 //! }
 //! ```
 
+use std::fmt;
+use std::future::Future;
 use std::marker::PhantomData;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use axum::RequestExt;
-use axum::body::Body;
+use axum::body::{Body, Bytes};
 use axum::extract::{FromRequest, FromRequestParts, MatchedPath, OriginalUri, Request};
 use axum::response::{IntoResponse, Response};
 use http::request::Parts;
@@ -37,17 +42,46 @@ use crate::problem::{Problem, ProblemKind};
 /// The wrapper `#[idempotent]` puts around a handler's last extractor `T`.
 ///
 /// Implements [`FromRequest`] for every `T` that does (body extractors and parts extractors
-/// alike), through its own marker type so it never overlaps axum's impls.
-#[derive(Debug)]
+/// alike), through its own marker type so it never overlaps axum's impls. It reads the key and
+/// fingerprints the request; `T` is extracted later, by [`execute`](crate::execute) when the
+/// handler is about to run, or at once by [`Idempotent::extract`].
 pub struct Idempotent<T> {
     request: IdempotentRequest,
-    inner: T,
+    extraction: Extraction<T>,
 }
 
+/// `T`'s extractor, ready to run on the request (or on its buffered parts and body).
+pub(crate) type Extraction<T> = Box<dyn FnOnce() -> Extracting<T> + Send>;
+
+/// `T`'s extractor running: `T`, or its rejection as a response.
+pub(crate) type Extracting<T> = Pin<Box<dyn Future<Output = Result<T, Response>> + Send>>;
+
 impl<T> Idempotent<T> {
-    /// Splits into the request's idempotency data (for [`execute`](crate::execute)) and `T`.
-    pub fn into_parts(self) -> (IdempotentRequest, T) {
-        (self.request, self.inner)
+    /// Runs `T`'s extractor now and splits into the request's idempotency data (for
+    /// [`execute_extracted`](crate::execute_extracted)) and `T`, or returns `T`'s rejection.
+    ///
+    /// Needed only when something the idempotency check depends on (the scope) comes out of `T`
+    /// itself; otherwise hand the wrapper to [`execute`](crate::execute), which extracts `T` only
+    /// when the handler runs.
+    ///
+    /// # Errors
+    ///
+    /// `T`'s rejection, as a response.
+    pub async fn extract(self) -> Result<(IdempotentRequest, T), Response> {
+        let inner = (self.extraction)().await?;
+        Ok((self.request, inner))
+    }
+
+    pub(crate) fn into_deferred(self) -> (IdempotentRequest, Extraction<T>) {
+        (self.request, self.extraction)
+    }
+}
+
+impl<T> fmt::Debug for Idempotent<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Idempotent")
+            .field("request", &self.request)
+            .finish_non_exhaustive()
     }
 }
 
@@ -82,8 +116,9 @@ pub struct Marker<M>(PhantomData<fn() -> M>);
 
 impl<S, T, M> FromRequest<S, Marker<M>> for Idempotent<T>
 where
-    S: Send + Sync,
-    T: FromRequest<S, M>,
+    S: Clone + Send + Sync + 'static,
+    T: FromRequest<S, M> + Send + 'static,
+    M: 'static,
 {
     type Rejection = Response;
 
@@ -93,22 +128,24 @@ where
         let Some(runtime) = request.extensions_mut().remove::<Idempotency>() else {
             return Err(not_configured(&request));
         };
+        let deferred = |request: Request| -> Extraction<T> {
+            let state = state.clone();
+            Box::new(move || Box::pin(whole(request, state)))
+        };
         if is_safe(request.method()) {
-            let inner = extract(request, state).await?;
             return Ok(Self {
                 request: IdempotentRequest { mode: Mode::Bypass },
-                inner,
+                extraction: deferred(request),
             });
         }
         let key = match IdempotencyKey::from_headers(request.headers()) {
             Ok(Some(key)) => key,
             Ok(None) => {
-                let inner = extract(request, state).await?;
                 return Ok(Self {
                     request: IdempotentRequest {
                         mode: Mode::NoKey(runtime),
                     },
-                    inner,
+                    extraction: deferred(request),
                 });
             }
             Err(error) => {
@@ -134,20 +171,39 @@ where
         };
         let context = parts.extensions.remove::<Arc<ContextState>>();
         let fingerprint = fingerprint(&parts, &bytes);
-        let inner = extract(Request::from_parts(parts, Body::from(bytes)), state).await?;
         let keyed = Keyed {
             runtime,
             key,
             fingerprint,
             context,
         };
+        let state = state.clone();
         Ok(Self {
             request: IdempotentRequest {
                 mode: Mode::Keyed(keyed),
             },
-            inner,
+            // The request is rebuilt only if `T` runs: a replay never needs it.
+            extraction: Box::new(move || Box::pin(buffered(parts, bytes, state))),
         })
     }
+}
+
+/// Extracts `T` from a request as it came.
+async fn whole<S, T, M>(request: Request, state: S) -> Result<T, Response>
+where
+    S: Send + Sync,
+    T: FromRequest<S, M>,
+{
+    extract(request, &state).await
+}
+
+/// Extracts `T` from a request whose body was buffered: `T` gets the same bytes.
+async fn buffered<S, T, M>(parts: Parts, bytes: Bytes, state: S) -> Result<T, Response>
+where
+    S: Send + Sync,
+    T: FromRequest<S, M>,
+{
+    extract(Request::from_parts(parts, Body::from(bytes)), &state).await
 }
 
 async fn extract<S, T, M>(request: Request, state: &S) -> Result<T, Response>

@@ -51,7 +51,7 @@ pub mod record;
 pub mod store;
 
 pub use config::{Idempotency, IdempotencyBuilder, RouteConfig, StorePolicy};
-pub use executor::execute;
+pub use executor::{execute, execute_extracted};
 pub use extract::{IdempotencyContext, Idempotent, IdempotentRequest};
 pub use fingerprint::{Scope, scope};
 pub use layer::IdempotencyLayer;
@@ -72,7 +72,7 @@ pub mod __private {
     pub use core::time::Duration;
 
     pub use crate::config::{RouteConfig, StorePolicy};
-    pub use crate::executor::execute;
+    pub use crate::executor::{execute, execute_extracted};
     pub use crate::extract::{Idempotent, IdempotentRequest};
     pub use crate::fingerprint::{Scope, scope};
 }

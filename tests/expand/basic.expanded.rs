@@ -18,15 +18,12 @@ pub async fn create_payment(
         )
         .required(true)
         .ttl(::idem_runtime::__private::Duration::from_secs(86400));
-    let (idem_request, idem_arg1) = ::idem_runtime::__private::Idempotent::into_parts(
-        idem_arg1,
-    );
     let idem_scope = ::idem_runtime::__private::Scope::NONE;
     ::idem_runtime::__private::execute(
-            idem_request,
+            idem_arg1,
             &IDEM_ROUTE,
             idem_scope,
-            create_payment(idem_arg0, idem_arg1),
+            move |idem_arg1| create_payment(idem_arg0, idem_arg1),
         )
         .await
 }

@@ -12,15 +12,12 @@ pub async fn update(
     static IDEM_ROUTE: ::idem_runtime::__private::RouteConfig = ::idem_runtime::__private::RouteConfig::new(
         "update",
     );
-    let (idem_request, idem_arg1) = ::idem_runtime::__private::Idempotent::into_parts(
-        idem_arg1,
-    );
     let idem_scope = ::idem_runtime::__private::Scope::NONE;
     ::idem_runtime::__private::execute(
-            idem_request,
+            idem_arg1,
             &IDEM_ROUTE,
             idem_scope,
-            update(idem_arg0, idem_arg1),
+            move |idem_arg1| update(idem_arg0, idem_arg1),
         )
         .await
 }
@@ -38,11 +35,13 @@ async fn ping(
         .wait(::idem_runtime::__private::Duration::from_secs(5))
         .store(::idem_runtime::__private::StorePolicy::Success)
         .store_body(false);
-    let (idem_request, ()) = ::idem_runtime::__private::Idempotent::into_parts(
-        idem_arg0,
-    );
     let idem_scope = ::idem_runtime::__private::Scope::NONE;
-    ::idem_runtime::__private::execute(idem_request, &IDEM_ROUTE, idem_scope, ping())
+    ::idem_runtime::__private::execute(
+            idem_arg0,
+            &IDEM_ROUTE,
+            idem_scope,
+            move |()| ping(),
+        )
         .await
 }
 fn main() {}

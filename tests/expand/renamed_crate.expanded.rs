@@ -12,15 +12,12 @@ pub async fn create(
             "create",
         )
         .required(true);
-    let (idem_request, idem_arg0) = crate::deps::idem::__private::Idempotent::into_parts(
-        idem_arg0,
-    );
     let idem_scope = crate::deps::idem::__private::Scope::NONE;
     crate::deps::idem::__private::execute(
-            idem_request,
+            idem_arg0,
             &IDEM_ROUTE,
             idem_scope,
-            create(idem_arg0),
+            move |idem_arg0| create(idem_arg0),
         )
         .await
 }

@@ -38,18 +38,15 @@ pub async fn create_payment(
         )
         .required(true)
         .ttl(::idem_runtime::__private::Duration::from_secs(86400));
-    let (idem_request, idem_arg2) = ::idem_runtime::__private::Idempotent::into_parts(
-        idem_arg2,
-    );
     let idem_scope = {
         let AuthUser(user_id) = &idem_arg0;
         ::idem_runtime::__private::scope(user_id)
     };
     ::idem_runtime::__private::execute(
-            idem_request,
+            idem_arg2,
             &IDEM_ROUTE,
             idem_scope,
-            create_payment(idem_arg0, idem_arg1, idem_arg2),
+            move |idem_arg2| create_payment(idem_arg0, idem_arg1, idem_arg2),
         )
         .await
 }
@@ -70,18 +67,46 @@ pub async fn rename(
             "rename",
         )
         .store(::idem_runtime::__private::StorePolicy::All);
-    let (idem_request, idem_arg1) = ::idem_runtime::__private::Idempotent::into_parts(
-        idem_arg1,
-    );
     let idem_scope = {
         let Path((org, _)) = &idem_arg0;
         ::idem_runtime::__private::scope(org)
     };
     ::idem_runtime::__private::execute(
+            idem_arg1,
+            &IDEM_ROUTE,
+            idem_scope,
+            move |idem_arg1| rename(idem_arg0, idem_arg1),
+        )
+        .await
+}
+/// The scope comes out of the wrapped (last) extractor, so that one runs before the lookup.
+pub async fn import(
+    idem_arg0: ::idem_runtime::__private::Idempotent<Json<(String, u64)>>,
+) -> ::idem_runtime::__private::Response {
+    #[allow(clippy::unused_async)]
+    async fn import(Json((tenant, rows)): Json<(String, u64)>) -> String {
+        tenant + &rows.to_string()
+    }
+    static IDEM_ROUTE: ::idem_runtime::__private::RouteConfig = ::idem_runtime::__private::RouteConfig::new(
+        "import",
+    );
+    let (idem_request, idem_arg0) = match ::idem_runtime::__private::Idempotent::extract(
+            idem_arg0,
+        )
+        .await
+    {
+        ::core::result::Result::Ok(idem_extracted) => idem_extracted,
+        ::core::result::Result::Err(idem_rejection) => return idem_rejection,
+    };
+    let idem_scope = {
+        let Json((tenant, _)) = &idem_arg0;
+        ::idem_runtime::__private::scope(tenant)
+    };
+    ::idem_runtime::__private::execute_extracted(
             idem_request,
             &IDEM_ROUTE,
             idem_scope,
-            rename(idem_arg0, idem_arg1),
+            import(idem_arg0),
         )
         .await
 }

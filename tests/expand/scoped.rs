@@ -44,4 +44,10 @@ pub async fn rename(
     org + &id.to_string() + name
 }
 
+/// The scope comes out of the wrapped (last) extractor, so that one runs before the lookup.
+#[idempotent(scope = tenant)]
+pub async fn import(Json((tenant, rows)): Json<(String, u64)>) -> String {
+    tenant + &rows.to_string()
+}
+
 fn main() {}

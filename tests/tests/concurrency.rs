@@ -285,8 +285,7 @@ static SHORT_TTL: RouteConfig = RouteConfig::new("short_ttl")
     .ttl(Duration::from_millis(200));
 
 async fn short_ttl(State(ledger): State<Ledger>, body: Idempotent<String>) -> Response {
-    let (request, body) = body.into_parts();
-    execute(request, &SHORT_TTL, Scope::NONE, async move {
+    execute(body, &SHORT_TTL, Scope::NONE, |body| async move {
         let run = ledger.run().await;
         format!("run {run}: {body}")
     })

@@ -1001,3 +1001,197 @@ async fn a_response_body_that_fails_is_not_recorded_and_the_key_is_released() {
         assert_eq!(fx.ledger.runs(), run, "a retry runs again");
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// The wrapped extractor runs only when it has to
+// ---------------------------------------------------------------------------------------------
+
+/// How many times [`Counted`] ran, per test (each test uses its own `x-counter` slot).
+static EXTRACTIONS: [std::sync::atomic::AtomicUsize; 2] =
+    [const { std::sync::atomic::AtomicUsize::new(0) }; 2];
+
+/// A body extractor that counts its runs and, like `Json` with `Content-Type`, rejects a request
+/// without `x-valid: yes` whatever its body.
+struct Counted(String);
+
+impl<S: Send + Sync> axum::extract::FromRequest<S> for Counted {
+    type Rejection = (StatusCode, &'static str);
+
+    async fn from_request(
+        request: axum::extract::Request,
+        state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        let slot = request
+            .headers()
+            .get("x-counter")
+            .and_then(|value| value.to_str().ok()?.parse::<usize>().ok())
+            .unwrap_or(0);
+        EXTRACTIONS[slot].fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        if request
+            .headers()
+            .get("x-valid")
+            .is_none_or(|value| value != "yes")
+        {
+            return Err((StatusCode::UNSUPPORTED_MEDIA_TYPE, "x-valid: yes expected"));
+        }
+        let body = String::from_request(request, state)
+            .await
+            .map_err(|_| (StatusCode::BAD_REQUEST, "not text"))?;
+        Ok(Self(body))
+    }
+}
+
+#[idempotent(required = true)]
+async fn counted(State(ledger): State<Ledger>, Counted(body): Counted) -> (StatusCode, String) {
+    let run = ledger.run().await;
+    (StatusCode::CREATED, format!("run {run}: {body}"))
+}
+
+fn counted_request(
+    slot: usize,
+    key: &str,
+    valid: bool,
+    body: &str,
+) -> http::Request<axum::body::Body> {
+    let mut builder = request("POST", "/counted")
+        .header(IDEMPOTENCY_KEY, key)
+        .header("x-counter", slot.to_string());
+    if valid {
+        builder = builder.header("x-valid", "yes");
+    }
+    builder.body(body.to_owned().into()).unwrap()
+}
+
+fn extractions(slot: usize) -> usize {
+    EXTRACTIONS[slot].load(std::sync::atomic::Ordering::SeqCst)
+}
+
+/// The embedded store answers completed records from memory: a replay neither runs the handler
+/// nor its extractor (the body is not parsed again), so a retry carrying the same request but a
+/// header the extractor would now refuse still gets the recorded answer. A request the extractor
+/// rejects before any record exists leaves the key free.
+#[tokio::test]
+async fn a_replay_from_memory_does_not_run_the_wrapped_extractor() {
+    const SLOT: usize = 0;
+    let fx = Fixture::new(Router::new().route("/counted", post(counted)));
+
+    let rejected = fx.send(counted_request(SLOT, "k", false, "five")).await;
+    assert_eq!(rejected.status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    assert_eq!(
+        (extractions(SLOT), fx.ledger.runs(), fx.records()),
+        (1, 0, 0)
+    );
+
+    let first = fx.send(counted_request(SLOT, "k", true, "five")).await;
+    assert_eq!(first.status, StatusCode::CREATED);
+    assert_eq!(first.text(), "run 1: five");
+    assert_eq!(extractions(SLOT), 2);
+
+    for valid in [true, false] {
+        let replay = fx.send(counted_request(SLOT, "k", valid, "five")).await;
+        assert!(replay.replayed(), "valid: {valid}");
+        assert_eq!(replay.body, first.body);
+    }
+    let reused = fx.send(counted_request(SLOT, "k", true, "six")).await;
+    reused.assert_problem(422, "idempotency-key-reused");
+    assert_eq!(
+        (extractions(SLOT), fx.ledger.runs()),
+        (2, 1),
+        "answered from memory: neither the extractor nor the handler ran again"
+    );
+}
+
+/// A store that holds nothing in process memory (like Redis): every acquire asks it.
+#[derive(Clone, Default)]
+struct Remote(MemoryStore);
+
+impl Store for Remote {
+    fn acquire<'a>(&'a self, request: AcquireRequest<'a>) -> StoreFuture<'a, Acquired> {
+        self.0.acquire(request)
+    }
+    fn renew<'a>(
+        &'a self,
+        key: &'a RecordKey,
+        owner: OwnerToken,
+        lease: Duration,
+    ) -> StoreFuture<'a, bool> {
+        self.0.renew(key, owner, lease)
+    }
+    fn complete<'a>(&'a self, request: CompleteRequest<'a>) -> StoreFuture<'a, bool> {
+        self.0.complete(request)
+    }
+    fn release<'a>(&'a self, key: &'a RecordKey, owner: OwnerToken) -> StoreFuture<'a, ()> {
+        self.0.release(key, owner)
+    }
+}
+
+/// Without an answer from memory the extractor runs before the store is asked (a request it
+/// rejects never reaches the store), and the store's replay still skips the handler.
+#[tokio::test]
+async fn without_an_answer_from_memory_the_extractor_runs_before_the_store() {
+    const SLOT: usize = 1;
+    let remote = Remote::default();
+    let idem = Idempotency::builder().store(remote.clone()).build();
+    let fx = Fixture::with(
+        Router::new().route("/counted", post(counted)),
+        &idem,
+        remote.0,
+    );
+    let first = fx.send(counted_request(SLOT, "k", true, "five")).await;
+    assert_eq!(first.text(), "run 1: five");
+    let replay = fx.send(counted_request(SLOT, "k", true, "five")).await;
+    assert!(replay.replayed());
+    assert_eq!(replay.body, first.body);
+    assert_eq!((extractions(SLOT), fx.ledger.runs()), (2, 1));
+
+    let rejected = fx.send(counted_request(SLOT, "k", false, "five")).await;
+    assert_eq!(rejected.status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    assert_eq!((extractions(SLOT), fx.ledger.runs()), (3, 1));
+}
+
+#[derive(Deserialize)]
+struct Import {
+    tenant: String,
+    rows: u64,
+}
+
+/// The scope comes out of the wrapped extractor itself: it runs before the lookup.
+#[idempotent(required = true, scope = tenant)]
+async fn import(
+    State(ledger): State<Ledger>,
+    Json(Import { tenant, rows }): Json<Import>,
+) -> String {
+    let run = ledger.run().await;
+    format!("run {run}: {rows} rows for {tenant}")
+}
+
+#[tokio::test]
+async fn a_scope_taken_from_the_body_keeps_principals_apart() {
+    let fx = Fixture::new(Router::new().route("/import", post(import)));
+    let send = |tenant: &str, rows: u64| {
+        let request = request("POST", "/import")
+            .header(IDEMPOTENCY_KEY, "shared-key")
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(format!("{{\"tenant\":\"{tenant}\",\"rows\":{rows}}}").into())
+            .unwrap();
+        fx.send(request)
+    };
+    let ann = send("ann", 3).await;
+    let bob = send("bob", 3).await;
+    assert_eq!(ann.text(), "run 1: 3 rows for ann");
+    assert_eq!(bob.text(), "run 2: 3 rows for bob");
+    let ann_again = send("ann", 3).await;
+    assert!(ann_again.replayed());
+    assert_eq!(ann_again.body, ann.body);
+    send("ann", 4)
+        .await
+        .assert_problem(422, "idempotency-key-reused");
+
+    let malformed = request("POST", "/import")
+        .header(IDEMPOTENCY_KEY, "other-key")
+        .header(header::CONTENT_TYPE, "application/json")
+        .body("{\"tenant\":".into())
+        .unwrap();
+    assert_eq!(fx.send(malformed).await.status, StatusCode::BAD_REQUEST);
+    assert_eq!((fx.ledger.runs(), fx.records()), (2, 2));
+}

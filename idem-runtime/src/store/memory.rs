@@ -199,6 +199,19 @@ fn settled_answer(
 }
 
 impl MemoryStore {
+    fn cached_now(&self, key: &RecordKey, fingerprint: &Fingerprint) -> Option<Acquired> {
+        let now = Instant::now();
+        let record = self.settled(key, now)?;
+        let (_, result) = record.completed.as_ref()?;
+        if record.fingerprint != *fingerprint {
+            return Some(Acquired::Mismatch);
+        }
+        Some(Acquired::Completed {
+            result: Arc::clone(result),
+            ttl_left: record.expires_at.saturating_duration_since(now),
+        })
+    }
+
     fn acquire_now(&self, request: &AcquireRequest<'_>) -> Acquired {
         let now = Instant::now();
         let shard = self.shard(request.key);
@@ -358,6 +371,10 @@ impl Store for MemoryStore {
         self.release_now(key, owner);
         Box::pin(std::future::ready(Ok::<(), StoreError>(())))
     }
+
+    fn cached(&self, key: &RecordKey, fingerprint: &Fingerprint) -> Option<Acquired> {
+        self.cached_now(key, fingerprint)
+    }
 }
 
 #[cfg(test)]
@@ -382,6 +399,40 @@ mod tests {
             retention: Duration::from_mins(1),
         };
         store.acquire(request).await.unwrap()
+    }
+
+    /// `cached` answers for completed records only: not for records in flight or released.
+    #[tokio::test]
+    async fn cached_answers_only_for_completed_records() {
+        let store = MemoryStore::default();
+        let (k, fp) = (key("k"), print("a"));
+        let lease = Duration::from_secs(30);
+        assert!(store.cached(&k, &fp).is_none(), "unknown");
+        let owner = OwnerToken::generate();
+        acquire_with(&store, &k, owner, &fp, lease).await;
+        assert!(store.cached(&k, &fp).is_none(), "in flight");
+        store.release(&k, owner).await.unwrap();
+        assert!(store.cached(&k, &fp).is_none(), "released");
+        assert!(store.cached(&k, &print("b")).is_none(), "released");
+
+        let owner = OwnerToken::generate();
+        acquire_with(&store, &k, owner, &fp, lease).await;
+        let result = Arc::new(RecordedResult::TooLarge);
+        assert!(complete(&store, &k, owner, &fp, &result, Duration::from_secs(60)).await);
+        match store.cached(&k, &fp) {
+            Some(Acquired::Completed {
+                result: cached,
+                ttl_left,
+            }) => {
+                assert!(Arc::ptr_eq(&cached, &result));
+                assert!(ttl_left <= Duration::from_secs(60));
+            }
+            other => panic!("expected the completed record, got {other:?}"),
+        }
+        assert!(matches!(
+            store.cached(&k, &print("b")),
+            Some(Acquired::Mismatch)
+        ));
     }
 
     #[tokio::test]

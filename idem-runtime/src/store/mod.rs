@@ -294,6 +294,19 @@ pub trait Store: Send + Sync + 'static {
 
     /// Ends `owner`'s lease now, keeping the record (and its epoch) so the next acquire takes over.
     fn release<'a>(&'a self, key: &'a RecordKey, owner: OwnerToken) -> StoreFuture<'a, ()>;
+
+    /// Answers from process memory, without waiting, for a record this store holds **completed**
+    /// there: [`Acquired::Completed`] for the same fingerprint, [`Acquired::Mismatch`] for another.
+    /// `None` (the default) in every other case, and then [`acquire`](Store::acquire) decides.
+    ///
+    /// The executor asks this before anything else, so a replay from memory skips the handler's
+    /// extractor (no parsing of the body) and the acquire. Completed records never change until
+    /// they expire, so answering from a copy is safe; a store must never answer for a record
+    /// that is in flight or released.
+    fn cached(&self, key: &RecordKey, fingerprint: &Fingerprint) -> Option<Acquired> {
+        let _ = (key, fingerprint);
+        None
+    }
 }
 
 /// What the stores' unit tests share.

@@ -232,6 +232,25 @@ impl<S: Store> TieredStore<S> {
         self.completed.run_pending_tasks();
     }
 
+    /// The answer for a cached record that has not reached its deadline, counted as a hit.
+    fn hit(&self, key: &RecordKey, fingerprint: &Fingerprint) -> Option<Acquired> {
+        let cached = self.completed.get(key)?;
+        let now = Instant::now();
+        if cached.expires_at <= now {
+            // Past its record's deadline but within the cache's time-to-live.
+            self.completed.invalidate(key);
+            return None;
+        }
+        self.hits.fetch_add(1, Ordering::Relaxed);
+        if cached.fingerprint != *fingerprint {
+            return Some(Acquired::Mismatch);
+        }
+        Some(Acquired::Completed {
+            result: cached.result,
+            ttl_left: cached.expires_at - now,
+        })
+    }
+
     /// Caches a completed record until `learned_at + ttl_left`, capped by `max_entry_ttl`.
     fn remember(
         &self,
@@ -265,20 +284,8 @@ impl<S: Store> TieredStore<S> {
 impl<S: Store> Store for TieredStore<S> {
     fn acquire<'a>(&'a self, request: AcquireRequest<'a>) -> StoreFuture<'a, Acquired> {
         Box::pin(async move {
-            if let Some(cached) = self.completed.get(request.key) {
-                let now = Instant::now();
-                if cached.expires_at > now {
-                    self.hits.fetch_add(1, Ordering::Relaxed);
-                    if cached.fingerprint != *request.fingerprint {
-                        return Ok(Acquired::Mismatch);
-                    }
-                    return Ok(Acquired::Completed {
-                        result: cached.result,
-                        ttl_left: cached.expires_at - now,
-                    });
-                }
-                // Past its record's deadline but within the cache's time-to-live.
-                self.completed.invalidate(request.key);
+            if let Some(answer) = self.hit(request.key, request.fingerprint) {
+                return Ok(answer);
             }
             self.misses.fetch_add(1, Ordering::Relaxed);
             // Measured before asking, so the cached copy cannot outlive the inner record.
@@ -325,6 +332,10 @@ impl<S: Store> Store for TieredStore<S> {
             }
             Ok(completed)
         })
+    }
+
+    fn cached(&self, key: &RecordKey, fingerprint: &Fingerprint) -> Option<Acquired> {
+        self.hit(key, fingerprint)
     }
 
     fn release<'a>(&'a self, key: &'a RecordKey, owner: OwnerToken) -> StoreFuture<'a, ()> {
@@ -417,6 +428,42 @@ mod tests {
         ));
         assert_eq!(store.stats().misses, after.misses + 1);
         assert_eq!(store.stats().entries, 1);
+    }
+
+    /// `cached` answers from the cache only (never from the inner store, never for records in
+    /// flight), counted as hits like the acquires it spares.
+    #[tokio::test]
+    async fn cached_answers_only_for_records_in_the_cache() {
+        let store = TieredStore::new(MemoryStore::default());
+        let (k, fp) = (key("k"), print("a"));
+        let owner = OwnerToken::generate();
+        assert!(matches!(
+            acquire(&store, &k, owner, &fp).await,
+            Acquired::Execute { .. }
+        ));
+        assert!(store.cached(&k, &fp).is_none(), "in flight");
+        let result = Arc::new(RecordedResult::TooLarge);
+        assert!(complete(&store, &k, owner, &fp, &result, Duration::from_mins(1)).await);
+        assert!(
+            store.cached(&k, &fp).is_none(),
+            "completed, but not cached yet"
+        );
+        assert!(matches!(
+            acquire(&store, &k, OwnerToken::generate(), &fp).await,
+            Acquired::Completed { .. }
+        ));
+        let hits = store.stats().hits;
+        assert!(matches!(
+            store.cached(&k, &fp),
+            Some(Acquired::Completed { ttl_left, .. }) if ttl_left <= Duration::from_mins(1)
+        ));
+        assert!(matches!(
+            store.cached(&k, &print("b")),
+            Some(Acquired::Mismatch)
+        ));
+        assert_eq!(store.stats().hits, hits + 2);
+        store.clear_cache();
+        assert!(store.cached(&k, &fp).is_none());
     }
 
     /// A store that caches its own results too.
