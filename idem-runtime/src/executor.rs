@@ -82,14 +82,20 @@ where
     R: IntoResponse + 'static,
 {
     let (request, extraction) = request.into_deferred();
-    let work: Work = Box::new(move || {
-        Box::pin(async move {
-            let argument = extraction().await?;
-            let running: Running = Box::pin(async move { handler(argument).await.into_response() });
-            Ok(running)
-        })
-    });
-    respond(request, route, scope, work)
+    match settle(request, route, &scope) {
+        Settled::Answered(response) => Responding::Ready(Some(response)),
+        Settled::Pending(pending) => {
+            let work: Work = Box::new(move || {
+                Box::pin(async move {
+                    let argument = extraction().await?;
+                    let running: Running =
+                        Box::pin(async move { handler(argument).await.into_response() });
+                    Ok(running)
+                })
+            });
+            Responding::Running(Box::pin(pending.finish(route, work)))
+        }
+    }
 }
 
 /// [`execute`] for a handler whose argument was already extracted with
@@ -105,11 +111,16 @@ where
     F: Future<Output = R> + Send + 'static,
     R: IntoResponse + 'static,
 {
-    let work: Work = Box::new(move || {
-        let running: Running = Box::pin(async move { handler.await.into_response() });
-        Box::pin(std::future::ready(Ok(running)))
-    });
-    respond(request, route, scope, work)
+    match settle(request, route, &scope) {
+        Settled::Answered(response) => Responding::Ready(Some(response)),
+        Settled::Pending(pending) => {
+            let work: Work = Box::new(move || {
+                let running: Running = Box::pin(async move { handler.await.into_response() });
+                Box::pin(std::future::ready(Ok(running)))
+            });
+            Responding::Running(Box::pin(pending.finish(route, work)))
+        }
+    }
 }
 
 /// The handler's argument still to extract, and the handler: started only when the request is not
@@ -124,12 +135,49 @@ type Extracting = Pin<Box<dyn Future<Output = Result<Running, Response>> + Send>
 /// The handler, its argument extracted.
 type Running = Pin<Box<dyn Future<Output = Response> + Send>>;
 
-async fn respond(
-    request: IdempotentRequest,
-    route: &'static RouteConfig,
-    scope: Scope,
-    work: Work,
-) -> Response {
+/// What [`execute`] returns: an answer known before anything had to wait (a missing key, a replay
+/// from memory), or the rest of the request in a box, so that the fast answers never build, move
+/// or allocate the executor's futures.
+enum Responding {
+    Ready(Option<Response>),
+    Running(Running),
+}
+
+impl Future for Responding {
+    type Output = Response;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Response> {
+        match &mut *self {
+            Self::Ready(response) => match response.take() {
+                Some(response) => Poll::Ready(response),
+                // Polled after it finished: a caller's bug, and nothing left to answer.
+                None => Poll::Pending,
+            },
+            Self::Running(running) => running.as_mut().poll(cx),
+        }
+    }
+}
+
+/// What can be decided about a request without waiting.
+enum Settled {
+    Answered(Response),
+    Pending(Pending),
+}
+
+/// A request that has to run its handler's extractor, then (for a keyed one) ask the store.
+enum Pending {
+    /// Idempotency does not apply: a safe method, or no key on a route that does not need one.
+    Plain,
+    Keyed {
+        keyed: Keyed,
+        record: RecordKey,
+        span: tracing::Span,
+    },
+}
+
+/// Answers what needs no waiting: a missing key, and a completed record held in process memory
+/// (the handler's extractor never runs for it, so such a replay does not parse the body).
+fn settle(request: IdempotentRequest, route: &'static RouteConfig, scope: &Scope) -> Settled {
     match request.mode {
         Mode::NoKey(runtime) if route.required => {
             tracing::debug!(
@@ -137,17 +185,14 @@ async fn respond(
                 outcome = "rejected",
                 "idempotency key missing"
             );
-            runtime.problem_response(&Problem::new(
+            Settled::Answered(runtime.problem_response(&Problem::new(
                 ProblemKind::KeyMissing,
                 "this request must carry an `Idempotency-Key` header",
-            ))
+            )))
         }
-        Mode::Bypass | Mode::NoKey(_) => match work().await {
-            Ok(handler) => handler.await,
-            Err(rejection) => rejection,
-        },
+        Mode::Bypass | Mode::NoKey(_) => Settled::Pending(Pending::Plain),
         Mode::Keyed(keyed) => {
-            let record = RecordKey::new(&scope, &keyed.key);
+            let record = RecordKey::new(scope, &keyed.key);
             let span = tracing::debug_span!(
                 "idempotency",
                 route = route.handler,
@@ -155,28 +200,46 @@ async fn respond(
                 outcome = field::Empty,
                 epoch = field::Empty,
             );
-            // A completed record held in process memory is answered at once: the handler's
-            // extractor never runs, so a replay costs no parsing of the body.
             let problem = |problem: Problem| keyed.runtime.problem_response(&problem);
-            match keyed
+            let answer = match keyed
                 .runtime
                 .inner
                 .store
                 .cached(&record, &keyed.fingerprint)
             {
                 Some(Acquired::Completed { result, ttl_left }) => {
-                    return span.in_scope(|| replay(&result, ttl_left, &problem));
+                    span.in_scope(|| replay(&result, ttl_left, &problem))
                 }
-                Some(Acquired::Mismatch) => return span.in_scope(|| key_reused(&problem)),
-                Some(Acquired::Execute { .. } | Acquired::InFlight { .. }) | None => {}
-            }
-            // Otherwise the extractor runs before the store is asked: a request it rejects leaves
-            // no record, and a corrected retry with the same key runs normally.
-            let handler = match work().await {
-                Ok(handler) => handler,
-                Err(rejection) => return rejection,
+                Some(Acquired::Mismatch) => span.in_scope(|| key_reused(&problem)),
+                Some(Acquired::Execute { .. } | Acquired::InFlight { .. }) | None => {
+                    return Settled::Pending(Pending::Keyed {
+                        keyed,
+                        record,
+                        span,
+                    });
+                }
             };
-            run(keyed, record, route, handler).instrument(span).await
+            Settled::Answered(answer)
+        }
+    }
+}
+
+impl Pending {
+    /// Extracts the handler's argument, then runs the handler, through the store for a keyed
+    /// request. The extractor runs before the store is asked: a request it rejects leaves no
+    /// record, and a corrected retry with the same key runs normally.
+    async fn finish(self, route: &'static RouteConfig, work: Work) -> Response {
+        let handler = match work().await {
+            Ok(handler) => handler,
+            Err(rejection) => return rejection,
+        };
+        match self {
+            Self::Plain => handler.await,
+            Self::Keyed {
+                keyed,
+                record,
+                span,
+            } => run(keyed, record, route, handler).instrument(span).await,
         }
     }
 }
