@@ -76,7 +76,8 @@ pub(crate) const RECORD_OVERHEAD: u32 = 1024;
 /// The cache of records both in-process stores keep ([`MemoryStore`]'s settled records,
 /// [`TieredStore`]'s completed ones), up to its expiry settings: bounded to `capacity_bytes`, each
 /// entry weighing its response (`response_bytes`) plus [`RECORD_OVERHEAD`], least recently used
-/// evicted first. moka's default policy (`TinyLFU`) would instead refuse a new entry whose key it
+/// evicted first (for [`TieredStore`], whose replays read an index beside moka, that is oldest
+/// cached first). moka's default policy (`TinyLFU`) would instead refuse a new entry whose key it
 /// has seen less often than the entries it would evict, which at the bound is every new key: a
 /// retry of a recent key would miss its record (and, in the embedded store, run again).
 pub(crate) fn record_cache<V>(

@@ -42,6 +42,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use std::collections::HashMap;
+use std::sync::{PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use moka::notification::RemovalCause;
 use moka::sync::Cache;
 
 use super::{
@@ -82,12 +86,24 @@ const MAX_CACHE_TTL: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 /// on who runs. Each cached record expires no later than its record in `inner` (the deadline is
 /// measured from before the request that learned it), and within
 /// [`TieredConfig::max_entry_ttl`], so that a record an operator deletes from Redis stops being
-/// replayed after at most that long. The cache is bounded in bytes and drops its least recently
-/// used records first (a retry follows its first attempt closely, so the newest records are the
-/// ones worth keeping); evicted records are simply asked for again.
+/// replayed after at most that long. The cache is bounded in bytes and drops its oldest records
+/// first (a retry follows its first attempt closely, so the newest records are the ones worth
+/// keeping); evicted records are simply asked for again.
+///
+/// moka holds the cache: it weighs the records against the bound, expires them and evicts them.
+/// Replays read a plain sharded index of the same records, which moka's eviction listener keeps in
+/// step, so that a hit takes one shard's read lock and nothing else: a moka read also records
+/// itself for moka's bookkeeping in a log shared by every thread, which costs more than the rest
+/// of the lookup once two cores replay at once (`docs/BENCHMARKS.md`). Reads then no longer reorder
+/// moka's LRU list, which is what makes the eviction order oldest-cached first.
 pub struct TieredStore<S> {
     inner: S,
+    /// Bounds, expires and evicts the cached records; its eviction listener removes them from
+    /// `index`.
     completed: Cache<RecordKey, CachedRecord, KeyHasher>,
+    /// What `completed` holds, for reading.
+    index: Arc<Index>,
+    next_id: AtomicU64,
     max_entry_ttl: Duration,
     cache_own_results: bool,
     hits: AtomicU64,
@@ -96,9 +112,65 @@ pub struct TieredStore<S> {
 
 #[derive(Clone)]
 struct CachedRecord {
+    /// Tells this caching of the key from an earlier one whose eviction is reported late.
+    id: u64,
     fingerprint: Fingerprint,
     result: Arc<RecordedResult>,
     expires_at: Instant,
+}
+
+/// Shards of the read index: two cores replaying different keys rarely touch the same lock.
+const INDEX_SHARDS: usize = 16;
+
+/// The cached records by key, sharded; a replay takes one shard's read lock.
+struct Index {
+    shards: [RwLock<HashMap<RecordKey, CachedRecord, KeyHasher>>; INDEX_SHARDS],
+}
+
+impl Index {
+    fn new() -> Self {
+        Self {
+            shards: std::array::from_fn(|_| {
+                RwLock::new(HashMap::with_hasher(KeyHasher::builder()))
+            }),
+        }
+    }
+
+    fn shard(&self, key: &RecordKey) -> &RwLock<HashMap<RecordKey, CachedRecord, KeyHasher>> {
+        &self.shards[usize::from(key.0[1]) % INDEX_SHARDS]
+    }
+
+    fn get(&self, key: &RecordKey) -> Option<CachedRecord> {
+        read(self.shard(key)).get(key).cloned()
+    }
+
+    fn insert(&self, key: RecordKey, record: CachedRecord) {
+        write(self.shard(&key)).insert(key, record);
+    }
+
+    /// Removes the key's record if it is still caching `id`.
+    fn remove(&self, key: &RecordKey, id: u64) {
+        let mut shard = write(self.shard(key));
+        if shard.get(key).is_some_and(|record| record.id == id) {
+            shard.remove(key);
+        }
+    }
+
+    fn clear(&self) {
+        for shard in &self.shards {
+            write(shard).clear();
+        }
+    }
+}
+
+/// Every change to the index is a single map operation, so a lock poisoned by a panic elsewhere
+/// still guards a consistent map.
+fn read<T>(lock: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn write<T>(lock: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
+    lock.write().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// The settings of a [`TieredStore`]. Every setter states its default.
@@ -191,16 +263,26 @@ impl<S: Store> TieredStore<S> {
 
     /// `inner` with a cache configured by `config`.
     pub fn with_config(inner: S, config: TieredConfig) -> Self {
+        let index = Arc::new(Index::new());
+        let evicted = Arc::clone(&index);
         let completed = record_cache(config.capacity_bytes, |record: &CachedRecord| {
             record.result.weight()
         })
         // Every entry's own deadline is checked on each hit; moka only needs a bound, and one
         // time-to-live for all entries spares each read a per-entry timer.
         .time_to_live(config.max_entry_ttl.clamp(MIN_CACHE_TTL, MAX_CACHE_TTL))
+        .eviction_listener(move |key: Arc<RecordKey>, record: CachedRecord, cause| {
+            // A replaced record's successor is already in the index.
+            if cause != RemovalCause::Replaced {
+                evicted.remove(&key, record.id);
+            }
+        })
         .build_with_hasher(KeyHasher::builder());
         Self {
             inner,
             completed,
+            index,
+            next_id: AtomicU64::new(0),
             max_entry_ttl: config.max_entry_ttl,
             cache_own_results: config.cache_own_results,
             hits: AtomicU64::new(0),
@@ -230,14 +312,16 @@ impl<S: Store> TieredStore<S> {
     pub fn clear_cache(&self) {
         self.completed.invalidate_all();
         self.completed.run_pending_tasks();
+        self.index.clear();
     }
 
     /// The answer for a cached record that has not reached its deadline, counted as a hit.
     fn hit(&self, key: &RecordKey, fingerprint: &Fingerprint) -> Option<Acquired> {
-        let cached = self.completed.get(key)?;
+        let cached = self.index.get(key)?;
         let now = Instant::now();
         if cached.expires_at <= now {
             // Past its record's deadline but within the cache's time-to-live.
+            self.index.remove(key, cached.id);
             self.completed.invalidate(key);
             return None;
         }
@@ -270,14 +354,15 @@ impl<S: Store> TieredStore<S> {
         if expires_at <= Instant::now() {
             return;
         }
-        self.completed.insert(
-            key,
-            CachedRecord {
-                fingerprint,
-                result,
-                expires_at,
-            },
-        );
+        let record = CachedRecord {
+            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            fingerprint,
+            result,
+            expires_at,
+        };
+        // Indexed first: should moka refuse or evict it at once, its listener finds it there.
+        self.index.insert(key, record.clone());
+        self.completed.insert(key, record);
     }
 }
 
@@ -490,8 +575,8 @@ mod tests {
         assert_eq!((after.hits, after.misses), (before.hits + 1, before.misses));
     }
 
-    /// Retries follow their first attempt closely: a full cache drops its least recently used
-    /// records and keeps the newest (moka's default `TinyLFU` admission would refuse them, sending
+    /// Retries follow their first attempt closely: a full cache drops its oldest records and keeps
+    /// the newest (moka's default `TinyLFU` admission would refuse them, sending
     /// the first retry of every new key to the inner store).
     #[tokio::test]
     async fn a_full_cache_keeps_its_newest_records() {
@@ -522,6 +607,41 @@ mod tests {
             "every recent record served from the cache"
         );
         assert_eq!(after.misses, before.misses);
+        // The read index holds what moka holds: evicted records left it too.
+        let served = keys
+            .iter()
+            .filter(|k| store.cached(k, &fp).is_some())
+            .count();
+        assert!(
+            (40..=110).contains(&served),
+            "{served} records served, moka holds {}",
+            store.stats().entries
+        );
+    }
+
+    /// Caching a key again replaces its record; the eviction moka reports for the old one must not
+    /// take the new one out of the read index.
+    #[tokio::test]
+    async fn a_record_cached_again_stays_readable() {
+        let store = TieredStore::new(MemoryStore::default());
+        let (k, fp) = (key("k"), print("a"));
+        let result = Arc::new(RecordedResult::TooLarge);
+        for _ in 0..3 {
+            store.remember(
+                k,
+                fp,
+                Arc::clone(&result),
+                Instant::now(),
+                Duration::from_mins(1),
+            );
+        }
+        assert_eq!(store.stats().entries, 1);
+        assert!(matches!(
+            store.cached(&k, &fp),
+            Some(Acquired::Completed { .. })
+        ));
+        store.clear_cache();
+        assert!(store.cached(&k, &fp).is_none());
     }
 
     #[tokio::test]
