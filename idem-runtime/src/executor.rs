@@ -39,7 +39,7 @@ use http_body_util::BodyExt;
 use tracing::{Instrument as _, field};
 
 use crate::config::{RouteConfig, Runtime};
-use crate::extract::{ContextState, Idempotent, IdempotentRequest, Keyed, Mode};
+use crate::extract::{ContextState, Extracting, Idempotent, IdempotentRequest, Keyed, Mode};
 use crate::fingerprint::{Fingerprint, RecordKey, Scope};
 use crate::problem::{Problem, ProblemKind};
 use crate::record::{RecordedResult, StoredResponse};
@@ -83,18 +83,13 @@ where
 {
     let (request, extraction) = request.into_deferred();
     match settle(request, route, &scope) {
-        Settled::Answered(response) => Responding::Ready(Some(response)),
-        Settled::Pending(pending) => {
-            let work: Work = Box::new(move || {
-                Box::pin(async move {
-                    let argument = extraction().await?;
-                    let running: Running =
-                        Box::pin(async move { handler(argument).await.into_response() });
-                    Ok(running)
-                })
-            });
-            Responding::Running(Box::pin(pending.finish(route, work)))
-        }
+        Settled::Answered(response) => Execution::Answered(Some(response)),
+        Settled::Pending(pending) => Execution::Extracting {
+            extracting: extraction(),
+            handler: Some(handler),
+            pending: Some(pending),
+            route,
+        },
     }
 }
 
@@ -112,48 +107,85 @@ where
     R: IntoResponse + 'static,
 {
     match settle(request, route, &scope) {
-        Settled::Answered(response) => Responding::Ready(Some(response)),
+        Settled::Answered(response) => Extracted::Answered(Some(response)),
         Settled::Pending(pending) => {
-            let work: Work = Box::new(move || {
-                let running: Running = Box::pin(async move { handler.await.into_response() });
-                Box::pin(std::future::ready(Ok(running)))
-            });
-            Responding::Running(Box::pin(pending.finish(route, work)))
+            Extracted::Running(pending.finish(route, Box::pin(respond_with(handler))))
         }
     }
 }
 
-/// The handler's argument still to extract, and the handler: started only when the request is not
-/// answered from memory, it extracts the argument and yields the handler ready to run, or the
-/// extractor's rejection. Boxed, so that the executor is compiled once and its futures hold no
-/// handler types.
-type Work = Box<dyn FnOnce() -> Extracting + Send>;
+/// An [`Execution`] with no argument left to extract.
+type Extracted = Execution<(), fn(()) -> std::future::Ready<()>>;
 
-/// [`Work`] started: extracting the handler's argument.
-type Extracting = Pin<Box<dyn Future<Output = Result<Running, Response>> + Send>>;
-
-/// The handler, its argument extracted.
+/// The handler, its argument extracted: boxed, so that the executor is compiled once and its
+/// futures hold no handler types.
 type Running = Pin<Box<dyn Future<Output = Response> + Send>>;
 
-/// What [`execute`] returns: an answer known before anything had to wait (a missing key, a replay
-/// from memory), or the rest of the request in a box, so that the fast answers never build, move
-/// or allocate the executor's futures.
-enum Responding {
-    Ready(Option<Response>),
+async fn respond_with<F, R>(handler: F) -> Response
+where
+    F: Future<Output = R>,
+    R: IntoResponse,
+{
+    handler.await.into_response()
+}
+
+/// What [`execute`] returns. A request answered before anything had to wait (a missing key, a
+/// replay from memory) builds, moves and allocates none of the executor's futures; any other
+/// extracts the handler's argument (a rejection is the answer), then runs the rest boxed.
+enum Execution<T, H> {
+    Answered(Option<Response>),
+    Extracting {
+        extracting: Extracting<T>,
+        handler: Option<H>,
+        pending: Option<Pending>,
+        route: &'static RouteConfig,
+    },
     Running(Running),
 }
 
-impl Future for Responding {
+// Nothing inside is ever pinned in place (the futures are boxed, the handler is moved out before
+// it is called), so the whole may move between polls.
+impl<T, H> Unpin for Execution<T, H> {}
+
+impl<T, H, F, R> Future for Execution<T, H>
+where
+    H: FnOnce(T) -> F,
+    F: Future<Output = R> + Send + 'static,
+    R: IntoResponse + 'static,
+{
     type Output = Response;
 
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Response> {
-        match &mut *self {
-            Self::Ready(response) => match response.take() {
-                Some(response) => Poll::Ready(response),
-                // Polled after it finished: a caller's bug, and nothing left to answer.
-                None => Poll::Pending,
-            },
-            Self::Running(running) => running.as_mut().poll(cx),
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Response> {
+        let this = self.get_mut();
+        loop {
+            match this {
+                Self::Answered(response) => {
+                    // `None`: polled after it finished, a caller's bug; nothing left to answer.
+                    return response.take().map_or(Poll::Pending, Poll::Ready);
+                }
+                Self::Extracting {
+                    extracting,
+                    handler,
+                    pending,
+                    route,
+                } => {
+                    let extracted = std::task::ready!(extracting.as_mut().poll(cx));
+                    let (argument, Some(handler), Some(pending)) =
+                        (extracted, handler.take(), pending.take())
+                    else {
+                        unreachable!("taken only here, once")
+                    };
+                    *this = match argument {
+                        Ok(argument) => {
+                            let running = Box::pin(respond_with(handler(argument)));
+                            Self::Running(pending.finish(route, running))
+                        }
+                        // The extractor's rejection: nothing ran, no record was asked for.
+                        Err(rejection) => Self::Answered(Some(rejection)),
+                    };
+                }
+                Self::Running(running) => return running.as_mut().poll(cx),
+            }
         }
     }
 }
@@ -225,21 +257,16 @@ fn settle(request: IdempotentRequest, route: &'static RouteConfig, scope: &Scope
 }
 
 impl Pending {
-    /// Extracts the handler's argument, then runs the handler, through the store for a keyed
-    /// request. The extractor runs before the store is asked: a request it rejects leaves no
-    /// record, and a corrected retry with the same key runs normally.
-    async fn finish(self, route: &'static RouteConfig, work: Work) -> Response {
-        let handler = match work().await {
-            Ok(handler) => handler,
-            Err(rejection) => return rejection,
-        };
+    /// The rest of the request once the handler's argument is extracted: the handler alone for a
+    /// plain request, the store and the handler for a keyed one.
+    fn finish(self, route: &'static RouteConfig, handler: Running) -> Running {
         match self {
-            Self::Plain => handler.await,
+            Self::Plain => handler,
             Self::Keyed {
                 keyed,
                 record,
                 span,
-            } => run(keyed, record, route, handler).instrument(span).await,
+            } => Box::pin(run(keyed, record, route, handler).instrument(span)),
         }
     }
 }
