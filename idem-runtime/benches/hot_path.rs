@@ -4,7 +4,7 @@
 //! * `fingerprint/*`: fingerprinting a 1 KiB and a 64 KiB body, and deriving a record key;
 //! * `record/*`: encoding and decoding a recorded response (what Redis stores);
 //! * `store/*`: an acquire that finds a completed record (the replay lookup) in the embedded store,
-//!   and a `TieredStore` moka hit;
+//!   and a `TieredStore` cache hit;
 //! * `router/*`: a whole request through an axum `Router` with `tower::ServiceExt::oneshot` (no
 //!   network): the bare route, a replay served from the embedded store and from a `TieredStore`'s
 //!   moka cache, and a first execution on the embedded store.

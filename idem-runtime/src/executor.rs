@@ -63,12 +63,15 @@ const STORE_RETRY_AFTER: Duration = Duration::from_secs(1);
 /// * A safe method, or no key on a route that does not require one: extracts `T` and runs
 ///   `handler` as usual.
 /// * No key on a route that requires one: `400 idempotency-key-missing`.
-/// * Otherwise acquires the record for `(scope, key)`: a completed record is replayed (`T` is never
-///   extracted, the body never parsed), a different request with the same key is `422`, one still
-///   in flight is `409` (or awaited, with `wait`). The request that owns the record extracts `T`
-///   (a rejection is answered as is and releases the key) and runs `handler` to the end even if
-///   its client disconnects (what is left of it then moves to a task of its own), and records the
-///   response according to the route's [`StorePolicy`](crate::StorePolicy).
+/// * A completed record the store holds in process memory ([`Store::cached`](crate::Store::cached))
+///   is replayed at once, or is `422` for a different request: `T` is never extracted, the body
+///   never parsed.
+/// * Otherwise `T` is extracted (its rejection is the answer, and no record is asked for), then
+///   the record for `(scope, key)` is acquired: a completed record is replayed, a different request
+///   with the same key is `422`, one still in flight is `409` (or awaited, with `wait`). The request
+///   that owns the record runs `handler` to the end even if its client disconnects (what is left of
+///   it then moves to a task of its own), and records the response according to the route's
+///   [`StorePolicy`](crate::StorePolicy).
 pub fn execute<T, H, F, R>(
     request: Idempotent<T>,
     route: &'static RouteConfig,
