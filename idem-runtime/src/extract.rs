@@ -3,10 +3,11 @@
 //!
 //! [`Idempotent<T>`] runs wherever `T` would: it reads the `Idempotency-Key` header, buffers the body
 //! once (honouring axum's [`DefaultBodyLimit`](axum::extract::DefaultBodyLimit), so an oversized
-//! body is still a `413`) and fingerprints the request. `T` itself runs later, and only if the
-//! handler is going to: [`execute`](crate::execute) extracts it from the same bytes (no copy) once
-//! the request owns its record, so a replay never parses the body. `T`'s rejection is returned
-//! unchanged and the key is released, so a corrected retry runs normally.
+//! body is still a `413`) and fingerprints the request. `T` itself runs later:
+//! [`execute`](crate::execute) skips it for a replay answered from process memory (the body is not
+//! parsed again), and otherwise extracts it from the same bytes (no copy) before the store is
+//! asked, so `T`'s rejection is returned unchanged before any record exists and a corrected retry
+//! with the same key runs normally.
 //!
 //! ```
 //! use axum::Json;
@@ -43,8 +44,8 @@ use crate::problem::{Problem, ProblemKind};
 ///
 /// Implements [`FromRequest`] for every `T` that does (body extractors and parts extractors
 /// alike), through its own marker type so it never overlaps axum's impls. It reads the key and
-/// fingerprints the request; `T` is extracted later, by [`execute`](crate::execute) when the
-/// handler is about to run, or at once by [`Idempotent::extract`].
+/// fingerprints the request; `T` is extracted later, by [`execute`](crate::execute) unless the
+/// request is answered from memory, or at once by [`Idempotent::extract`].
 pub struct Idempotent<T> {
     request: IdempotentRequest,
     extraction: Extraction<T>,
@@ -61,8 +62,8 @@ impl<T> Idempotent<T> {
     /// [`execute_extracted`](crate::execute_extracted)) and `T`, or returns `T`'s rejection.
     ///
     /// Needed only when something the idempotency check depends on (the scope) comes out of `T`
-    /// itself; otherwise hand the wrapper to [`execute`](crate::execute), which extracts `T` only
-    /// when the handler runs.
+    /// itself; otherwise hand the wrapper to [`execute`](crate::execute), which does not extract
+    /// `T` for a replay answered from memory.
     ///
     /// # Errors
     ///
