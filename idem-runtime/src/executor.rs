@@ -89,8 +89,7 @@ where
         Settled::Answered(response) => Execution::Answered(Some(response)),
         Settled::Pending(pending) => Execution::Extracting {
             extracting: extraction(),
-            handler: Some(handler),
-            pending: Some(pending),
+            rest: Some((handler, pending)),
             route,
         },
     }
@@ -139,8 +138,8 @@ enum Execution<T, H> {
     Answered(Option<Response>),
     Extracting {
         extracting: Extracting<T>,
-        handler: Option<H>,
-        pending: Option<Pending>,
+        /// The handler and what follows it; taken when the extraction ends.
+        rest: Option<(H, Pending)>,
         route: &'static RouteConfig,
     },
     Running(Running),
@@ -168,15 +167,13 @@ where
                 }
                 Self::Extracting {
                     extracting,
-                    handler,
-                    pending,
+                    rest,
                     route,
                 } => {
-                    let extracted = std::task::ready!(extracting.as_mut().poll(cx));
-                    let (argument, Some(handler), Some(pending)) =
-                        (extracted, handler.take(), pending.take())
-                    else {
-                        unreachable!("taken only here, once")
+                    let argument = std::task::ready!(extracting.as_mut().poll(cx));
+                    let Some((handler, pending)) = rest.take() else {
+                        // Never: the state moves on as soon as the rest is taken.
+                        return Poll::Pending;
                     };
                     *this = match argument {
                         Ok(argument) => {
@@ -310,7 +307,7 @@ async fn run(
                         backoff = (backoff * 2).min(Duration::from_millis(100));
                     }
                     _ => {
-                        outcome_of("conflict");
+                        outcome("conflict");
                         return problem(
                             Problem::new(
                                 ProblemKind::RequestInProgress,
@@ -323,7 +320,7 @@ async fn run(
             }
             Err(error) if runtime.fail_open => {
                 abandon(runtime, record, owner, &error);
-                outcome_of("unprotected");
+                outcome("unprotected");
                 tracing::warn!(%error, "idempotency store unavailable: running the handler unprotected (fail-open)");
                 let mut response = handler.await;
                 response.headers_mut().insert(
@@ -339,7 +336,7 @@ async fn run(
         }
     };
 
-    outcome_of("executed");
+    outcome("executed");
     tracing::Span::current().record("epoch", epoch);
     if let Some(context) = &keyed.context {
         context.enter(&keyed.key, epoch);
@@ -635,7 +632,7 @@ fn abandon(runtime: &Arc<Runtime>, record: RecordKey, owner: OwnerToken, error: 
     );
 }
 
-fn outcome_of(outcome: &'static str) {
+fn outcome(outcome: &'static str) {
     tracing::Span::current().record("outcome", outcome);
 }
 
@@ -647,7 +644,7 @@ fn replay(
     problem: &impl Fn(Problem) -> Response,
 ) -> Response {
     let RecordedResult::Response(stored) = result else {
-        outcome_of("unavailable");
+        outcome("unavailable");
         return problem(
             Problem::new(
                 ProblemKind::ResultUnavailable,
@@ -656,7 +653,7 @@ fn replay(
             .with_retry_after(ttl_left),
         );
     };
-    outcome_of("replayed");
+    outcome("replayed");
     let mut response = Response::new(Body::from(stored.body.clone()));
     *response.status_mut() = stored.status;
     let headers = response.headers_mut();
@@ -671,7 +668,7 @@ fn replay(
 }
 
 fn key_reused(problem: &impl Fn(Problem) -> Response) -> Response {
-    outcome_of("mismatch");
+    outcome("mismatch");
     problem(Problem::new(
         ProblemKind::KeyReused,
         "this Idempotency-Key was already used for a different request (method, path, query or body)",
@@ -679,7 +676,7 @@ fn key_reused(problem: &impl Fn(Problem) -> Response) -> Response {
 }
 
 fn store_unavailable(error: &StoreError, problem: &impl Fn(Problem) -> Response) -> Response {
-    outcome_of("store_error");
+    outcome("store_error");
     tracing::warn!(%error, "idempotency store unavailable: request refused");
     problem(
         Problem::new(

@@ -204,7 +204,7 @@ where
     S: Send + Sync,
     T: FromRequest<S, M>,
 {
-    extract(Request::from_parts(parts, Body::from(bytes)), &state).await
+    whole(Request::from_parts(parts, Body::from(bytes)), state).await
 }
 
 async fn extract<S, T, M>(request: Request, state: &S) -> Result<T, Response>

@@ -181,12 +181,8 @@ impl std::fmt::Debug for MemoryStore {
 
 /// The answer for a settled record: replay it, refuse a different request, or (released) let
 /// the caller take it over.
-fn settled_answer(
-    record: &Settled,
-    request: &AcquireRequest<'_>,
-    now: Instant,
-) -> Option<Acquired> {
-    if record.fingerprint != *request.fingerprint {
+fn settled_answer(record: &Settled, fingerprint: &Fingerprint, now: Instant) -> Option<Acquired> {
+    if record.fingerprint != *fingerprint {
         return Some(Acquired::Mismatch);
     }
     record
@@ -202,14 +198,9 @@ impl MemoryStore {
     fn cached_now(&self, key: &RecordKey, fingerprint: &Fingerprint) -> Option<Acquired> {
         let now = Instant::now();
         let record = self.settled(key, now)?;
-        let (_, result) = record.completed.as_ref()?;
-        if record.fingerprint != *fingerprint {
-            return Some(Acquired::Mismatch);
-        }
-        Some(Acquired::Completed {
-            result: Arc::clone(result),
-            ttl_left: record.expires_at.saturating_duration_since(now),
-        })
+        // A released record is not an answer: the acquire takes it over.
+        record.completed.as_ref()?;
+        settled_answer(&record, fingerprint, now)
     }
 
     fn acquire_now(&self, request: &AcquireRequest<'_>) -> Acquired {
@@ -220,7 +211,7 @@ impl MemoryStore {
         let seen = self.settled(request.key, now);
         if let Some(answer) = seen
             .as_ref()
-            .and_then(|record| settled_answer(record, request, now))
+            .and_then(|record| settled_answer(record, request.fingerprint, now))
         {
             return answer;
         }
@@ -257,7 +248,7 @@ impl MemoryStore {
         };
         if let Some(answer) = settled
             .as_ref()
-            .and_then(|record| settled_answer(record, request, now))
+            .and_then(|record| settled_answer(record, request.fingerprint, now))
         {
             return answer;
         }
