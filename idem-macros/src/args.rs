@@ -12,17 +12,58 @@ use syn::{Expr, Ident, Lit, LitStr, Token};
 use crate::duration;
 use crate::errors::Errors;
 
-/// Every key the attribute accepts, in the order the manual documents them.
-const KEYS: [&str; 8] = [
-    "required",
-    "ttl",
-    "scope",
-    "lease",
-    "wait",
-    "store",
-    "store_body",
-    "crate",
+/// An argument of the attribute.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Key {
+    Required,
+    Ttl,
+    Scope,
+    Lease,
+    Wait,
+    Store,
+    StoreBody,
+    Crate,
+}
+
+/// Every argument the attribute accepts, in the order the manual documents them, with its spelling
+/// and a plausible value for messages that spell out the fix. The one place an argument is named:
+/// the runtime's `RouteConfig` setter of an argument has the same name (`scope` and `crate` have
+/// none).
+const KEYS: [(Key, &str, &str); 8] = [
+    (Key::Required, "required", "true"),
+    (Key::Ttl, "ttl", "\"24h\""),
+    (Key::Scope, "scope", "user_id"),
+    (Key::Lease, "lease", "\"30s\""),
+    (Key::Wait, "wait", "\"5s\""),
+    (Key::Store, "store", "\"non-5xx\""),
+    (Key::StoreBody, "store_body", "false"),
+    (Key::Crate, "crate", "\"::idem_runtime\""),
 ];
+
+impl Key {
+    fn from_name(name: &str) -> Option<Self> {
+        KEYS.iter()
+            .find(|(_, spelling, _)| *spelling == name)
+            .map(|&(key, _, _)| key)
+    }
+
+    fn entry(self) -> &'static (Key, &'static str, &'static str) {
+        // Every variant has its row; the table's test checks it.
+        KEYS.iter()
+            .find(|(key, _, _)| *key == self)
+            .unwrap_or(&KEYS[0])
+    }
+
+    /// The argument as the user writes it.
+    pub(crate) fn name(self) -> &'static str {
+        self.entry().1
+    }
+
+    /// A plausible value, as the user would write it.
+    fn example(self) -> &'static str {
+        self.entry().2
+    }
+}
 
 /// A value written in the attribute, with the span of the key that introduced it.
 pub(crate) struct Arg<T> {
@@ -104,38 +145,36 @@ pub(crate) fn parse(tokens: TokenStream, errors: &mut Errors) -> Args {
     else {
         return args;
     };
-    let mut seen: Vec<String> = Vec::new();
-    for RawArg { key, value } in raw {
-        let name = key.unraw().to_string();
-        if !KEYS.contains(&name.as_str()) {
+    let mut seen: Vec<Key> = Vec::new();
+    for RawArg { key: token, value } in raw {
+        let name = token.unraw().to_string();
+        let Some(key) = Key::from_name(&name) else {
+            let names: Vec<&str> = KEYS.iter().map(|&(_, name, _)| name).collect();
             errors.push(syn::Error::new(
-                key.span(),
+                token.span(),
                 format!(
                     "unknown argument `{name}`: expected one of {}",
-                    backticked(&KEYS)
-                ),
-            ));
-            continue;
-        }
-        if seen.contains(&name) {
-            errors.push(syn::Error::new(
-                key.span(),
-                format!("duplicate argument `{name}`: each argument may be given once, remove one of them"),
-            ));
-            continue;
-        }
-        seen.push(name.clone());
-        let Some(value) = value else {
-            errors.push(syn::Error::new(
-                key.span(),
-                format!(
-                    "`{name}` needs a value: write `{name} = {}`",
-                    example(&name)
+                    backticked(&names)
                 ),
             ));
             continue;
         };
-        if let Err(error) = args.set(&name, key.span(), &value) {
+        if seen.contains(&key) {
+            errors.push(syn::Error::new(
+                token.span(),
+                format!("duplicate argument `{name}`: each argument may be given once, remove one of them"),
+            ));
+            continue;
+        }
+        seen.push(key);
+        let Some(value) = value else {
+            errors.push(syn::Error::new(
+                token.span(),
+                format!("`{name}` needs a value: write `{name} = {}`", key.example()),
+            ));
+            continue;
+        };
+        if let Err(error) = args.set(key, token.span(), &value) {
             errors.push(error);
         }
     }
@@ -143,18 +182,17 @@ pub(crate) fn parse(tokens: TokenStream, errors: &mut Errors) -> Args {
 }
 
 impl Args {
-    /// Interprets `value` as the value of the known key `name`.
-    fn set(&mut self, name: &str, key: Span, value: &Expr) -> syn::Result<()> {
-        match name {
-            "required" => self.required = keyed(key, bool_value(name, value))?,
-            "ttl" => self.ttl = keyed(key, duration_value(name, value))?,
-            "scope" => self.scope = keyed(key, scope_value(value))?,
-            "lease" => self.lease = keyed(key, duration_value(name, value))?,
-            "wait" => self.wait = keyed(key, duration_value(name, value))?,
-            "store" => self.store = keyed(key, store_value(value))?,
-            "store_body" => self.store_body = keyed(key, bool_value(name, value))?,
-            "crate" => self.krate = keyed(key, crate_value(value))?,
-            _ => unreachable!("`{name}` is checked against KEYS before its value is read"),
+    /// Interprets `value` as the value of `key`.
+    fn set(&mut self, key: Key, span: Span, value: &Expr) -> syn::Result<()> {
+        match key {
+            Key::Required => self.required = keyed(span, bool_value(key, value))?,
+            Key::Ttl => self.ttl = keyed(span, duration_value(key, value))?,
+            Key::Scope => self.scope = keyed(span, scope_value(value))?,
+            Key::Lease => self.lease = keyed(span, duration_value(key, value))?,
+            Key::Wait => self.wait = keyed(span, duration_value(key, value))?,
+            Key::Store => self.store = keyed(span, store_value(value))?,
+            Key::StoreBody => self.store_body = keyed(span, bool_value(key, value))?,
+            Key::Crate => self.krate = keyed(span, crate_value(value))?,
         }
         Ok(())
     }
@@ -163,20 +201,6 @@ impl Args {
 /// Attaches the key's span to a successfully read value.
 fn keyed<T>(key: Span, value: syn::Result<T>) -> syn::Result<Option<Arg<T>>> {
     value.map(|value| Some(Arg { key, value }))
-}
-
-/// A plausible value for `key`, used in messages that spell out the fix.
-fn example(key: &str) -> &'static str {
-    match key {
-        "required" => "true",
-        "ttl" => "\"24h\"",
-        "scope" => "user_id",
-        "lease" => "\"30s\"",
-        "wait" => "\"5s\"",
-        "store" => "\"non-5xx\"",
-        "store_body" => "false",
-        _ => "\"::idem_runtime\"",
-    }
 }
 
 /// `a`, `b` and `c` → "`a`, `b`, `c`".
@@ -188,22 +212,21 @@ fn backticked(names: &[&str]) -> String {
         .join(", ")
 }
 
-fn string_literal<'a>(key: &str, value: &'a Expr) -> syn::Result<&'a LitStr> {
+fn string_literal(key: Key, value: &Expr) -> syn::Result<&LitStr> {
+    let (name, example) = (key.name(), key.example());
     match value {
         Expr::Lit(syn::ExprLit {
             lit: Lit::Str(lit), ..
         }) => Ok(lit),
         _ => Err(syn::Error::new_spanned(
             value,
-            format!(
-                "`{key}` takes a string literal: write `{key} = {}`",
-                example(key)
-            ),
+            format!("`{name}` takes a string literal: write `{name} = {example}`"),
         )),
     }
 }
 
-fn bool_value(key: &str, value: &Expr) -> syn::Result<bool> {
+fn bool_value(key: Key, value: &Expr) -> syn::Result<bool> {
+    let name = key.name();
     match value {
         Expr::Lit(syn::ExprLit {
             lit: Lit::Bool(lit),
@@ -211,15 +234,16 @@ fn bool_value(key: &str, value: &Expr) -> syn::Result<bool> {
         }) => Ok(lit.value),
         _ => Err(syn::Error::new_spanned(
             value,
-            format!("`{key}` takes `true` or `false`: write `{key} = true` or `{key} = false`"),
+            format!("`{name}` takes `true` or `false`: write `{name} = true` or `{name} = false`"),
         )),
     }
 }
 
-fn duration_value(key: &str, value: &Expr) -> syn::Result<u64> {
+fn duration_value(key: Key, value: &Expr) -> syn::Result<u64> {
     let lit = string_literal(key, value)?;
     let text = lit.value();
-    duration::parse(&text).map_err(|error| syn::Error::new(lit.span(), error.message(key, &text)))
+    duration::parse(&text)
+        .map_err(|error| syn::Error::new(lit.span(), error.message(key.name(), &text)))
 }
 
 fn scope_value(value: &Expr) -> syn::Result<Ident> {
@@ -253,7 +277,7 @@ fn scope_value(value: &Expr) -> syn::Result<Ident> {
 }
 
 fn store_value(value: &Expr) -> syn::Result<StorePolicy> {
-    let lit = string_literal("store", value)?;
+    let lit = string_literal(Key::Store, value)?;
     let text = lit.value();
     StorePolicy::SPELLINGS
         .iter()
@@ -271,7 +295,7 @@ fn store_value(value: &Expr) -> syn::Result<StorePolicy> {
 }
 
 fn crate_value(value: &Expr) -> syn::Result<syn::Path> {
-    let lit = string_literal("crate", value)?;
+    let lit = string_literal(Key::Crate, value)?;
     lit.parse_with(syn::Path::parse_mod_style).map_err(|_| {
         syn::Error::new(
             lit.span(),
@@ -288,7 +312,7 @@ fn crate_value(value: &Expr) -> syn::Result<syn::Path> {
 mod tests {
     use quote::quote;
 
-    use super::{Args, StorePolicy, parse};
+    use super::{Args, KEYS, Key, StorePolicy, parse};
     use crate::errors::Errors;
 
     fn parse_ok(tokens: proc_macro2::TokenStream) -> Args {
@@ -308,6 +332,15 @@ mod tests {
             .err()
             .map(|e| e.into_iter().map(|e| e.to_string()).collect())
             .unwrap_or_default()
+    }
+
+    #[test]
+    fn every_key_has_one_row() {
+        for (i, &(key, name, _)) in KEYS.iter().enumerate() {
+            assert_eq!(key.name(), name);
+            assert_eq!(Key::from_name(name), Some(key));
+            assert!(KEYS[i + 1..].iter().all(|&(other, ..)| other != key));
+        }
     }
 
     #[test]

@@ -6,7 +6,7 @@ use quote::quote;
 use syn::ext::IdentExt as _;
 use syn::{Attribute, Block, FnArg, Ident, ItemFn, Pat, PatType, Signature, Visibility};
 
-use crate::args::{Arg, Args, StorePolicy};
+use crate::args::{Arg, Args, Key, StorePolicy};
 use crate::bindings;
 use crate::errors::Errors;
 
@@ -244,24 +244,25 @@ fn scope_not_found(wanted: &Ident, available: &[(usize, Ident)], no_params: bool
 }
 
 fn setters(args: &Args) -> Vec<Setter> {
+    /// The setter of an argument has the argument's name.
     fn setter<T: Copy>(
-        method: &'static str,
+        key: Key,
         arg: Option<&Arg<T>>,
         value: fn(T) -> SetterValue,
     ) -> Option<Setter> {
         arg.map(|arg| Setter {
-            method,
+            method: key.name(),
             span: arg.key,
             value: value(arg.value),
         })
     }
     [
-        setter("required", args.required.as_ref(), SetterValue::Bool),
-        setter("ttl", args.ttl.as_ref(), SetterValue::Seconds),
-        setter("lease", args.lease.as_ref(), SetterValue::Seconds),
-        setter("wait", args.wait.as_ref(), SetterValue::Seconds),
-        setter("store", args.store.as_ref(), SetterValue::Store),
-        setter("store_body", args.store_body.as_ref(), SetterValue::Bool),
+        setter(Key::Required, args.required.as_ref(), SetterValue::Bool),
+        setter(Key::Ttl, args.ttl.as_ref(), SetterValue::Seconds),
+        setter(Key::Lease, args.lease.as_ref(), SetterValue::Seconds),
+        setter(Key::Wait, args.wait.as_ref(), SetterValue::Seconds),
+        setter(Key::Store, args.store.as_ref(), SetterValue::Store),
+        setter(Key::StoreBody, args.store_body.as_ref(), SetterValue::Bool),
     ]
     .into_iter()
     .flatten()

@@ -113,24 +113,19 @@ fn stores(c: &mut Criterion) {
         &IdempotencyKey::parse_bytes(b"k").expect("valid key"),
     );
     let fingerprint = Fingerprint::of(&Method::POST, "/", "/", "", b"{}");
-    let request = |owner| AcquireRequest {
-        key: &key,
-        owner,
-        fingerprint: &fingerprint,
-        lease: Duration::from_secs(30),
-        retention: Duration::from_secs(3600),
-    };
+    let (lease, retention) = (Duration::from_secs(30), Duration::from_secs(3600));
+    let request = |owner| AcquireRequest::new(&key, owner, &fingerprint, lease, retention);
     runtime.block_on(async {
         let owner = OwnerToken::generate();
         store.acquire(request(owner)).await.expect("acquire");
         store
-            .complete(CompleteRequest {
-                key: &key,
+            .complete(CompleteRequest::new(
+                &key,
                 owner,
-                fingerprint: &fingerprint,
-                result: &Arc::new(sample_result()),
-                ttl: Duration::from_secs(3600),
-            })
+                &fingerprint,
+                &Arc::new(sample_result()),
+                retention,
+            ))
             .await
             .expect("complete");
     });
@@ -148,13 +143,13 @@ fn stores(c: &mut Criterion) {
         let owner = OwnerToken::generate();
         tiered.acquire(request(owner)).await.expect("acquire");
         tiered
-            .complete(CompleteRequest {
-                key: &key,
+            .complete(CompleteRequest::new(
+                &key,
                 owner,
-                fingerprint: &fingerprint,
-                result: &Arc::new(sample_result()),
-                ttl: Duration::from_secs(3600),
-            })
+                &fingerprint,
+                &Arc::new(sample_result()),
+                retention,
+            ))
             .await
             .expect("complete");
         // Its first replay asks the inner store and caches the record.
@@ -196,13 +191,9 @@ fn full_cache(c: &mut Criterion) {
             )
         })
         .collect();
-    let acquire = |key| AcquireRequest {
-        key,
-        owner: OwnerToken::generate(),
-        fingerprint: &fingerprint,
-        lease: Duration::from_secs(30),
-        retention: Duration::from_secs(3600),
-    };
+    let (lease, retention) = (Duration::from_secs(30), Duration::from_secs(3600));
+    let acquire =
+        |key| AcquireRequest::new(key, OwnerToken::generate(), &fingerprint, lease, retention);
     // The inner store keeps everything: a key the cache let go is still answered, as by Redis.
     // Every result is cached as it is recorded (the write-through setting), which fills the cache
     // with records nobody replays, as a stream of first executions and their retries would.
@@ -215,13 +206,7 @@ fn full_cache(c: &mut Criterion) {
         for (i, key) in keys.iter().enumerate() {
             let request = acquire(key);
             full.acquire(request).await.expect("acquire");
-            let done = CompleteRequest {
-                key,
-                owner: request.owner,
-                fingerprint: &fingerprint,
-                result: &sample,
-                ttl: Duration::from_secs(3600),
-            };
+            let done = CompleteRequest::new(key, request.owner, &fingerprint, &sample, retention);
             full.complete(done).await.expect("complete");
             // The hot keys are replayed all along, so the bound evicts the others.
             if i >= 1000 {

@@ -16,14 +16,15 @@
 //! ```
 
 use std::fmt;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::response::Response;
 use http::HeaderName;
 use tokio_util::task::TaskTracker;
+use tokio_util::task::task_tracker::TrackedFuture;
 
-use crate::layer::IdempotencyLayer;
 use crate::problem::{self, JsonProblems, Problem, RenderProblem};
 use crate::record::DEFAULT_REPLAYED_HEADERS;
 use crate::store::{MemoryStore, Store};
@@ -35,31 +36,25 @@ use crate::store::{MemoryStore, Store};
 /// still running finish and record their results.
 #[derive(Clone)]
 pub struct Idempotency {
-    pub(crate) inner: Arc<Runtime>,
+    inner: Arc<Runtime>,
 }
 
-pub(crate) struct Runtime {
-    pub(crate) store: Arc<dyn Store>,
-    pub(crate) lease: Duration,
-    pub(crate) max_run_time: Duration,
-    pub(crate) max_response_bytes: usize,
-    pub(crate) replayed_headers: Vec<HeaderName>,
-    pub(crate) problems: Box<dyn RenderProblem>,
-    pub(crate) tasks: TaskTracker,
-    pub(crate) fail_open: bool,
+/// What an [`Idempotency`] handle shares: the configuration and the running handlers.
+struct Runtime {
+    store: Arc<dyn Store>,
+    lease: Duration,
+    max_run_time: Duration,
+    max_response_bytes: usize,
+    replayed_headers: Vec<HeaderName>,
+    problems: Box<dyn RenderProblem>,
+    tasks: TaskTracker,
+    fail_open: bool,
 }
 
 impl Idempotency {
     /// Starts a builder with the documented defaults.
     pub fn builder() -> IdempotencyBuilder {
         IdempotencyBuilder::default()
-    }
-
-    /// The layer that makes this runtime available to `#[idempotent]` handlers. Add it with
-    /// `Router::layer` after the routes it covers (axum applies a layer to the routes added before
-    /// it).
-    pub fn layer(&self) -> IdempotencyLayer {
-        IdempotencyLayer::new(self.clone())
     }
 
     /// The configured store.
@@ -82,9 +77,49 @@ impl Idempotency {
         self.inner.tasks.reopen();
     }
 
-    /// Renders a problem with the configured renderer, adding the standard headers.
+    /// Renders a problem with the configured renderer, adding the standard headers. Every problem
+    /// the runtime answers with goes through here.
     pub fn problem_response(&self, problem: &Problem) -> Response {
-        problem::respond(self.inner.problems.as_ref(), problem)
+        problem::render(self.inner.problems.as_ref(), problem)
+    }
+
+    /// The in-flight lease of `route`: its own, else the runtime's.
+    pub(crate) fn lease_for(&self, route: &RouteConfig) -> Duration {
+        route.lease.unwrap_or(self.inner.lease)
+    }
+
+    /// How long one execution keeps renewing its lease.
+    pub(crate) fn max_run_time(&self) -> Duration {
+        self.inner.max_run_time
+    }
+
+    /// The largest response body recorded for replay.
+    pub(crate) fn max_response_bytes(&self) -> usize {
+        self.inner.max_response_bytes
+    }
+
+    /// The response headers recorded and replayed.
+    pub(crate) fn replayed_headers(&self) -> &[HeaderName] {
+        &self.inner.replayed_headers
+    }
+
+    /// Whether a handler runs unprotected when the store cannot be reached.
+    pub(crate) fn fails_open(&self) -> bool {
+        self.inner.fail_open
+    }
+
+    /// Tracks `future` as a running handler: [`Idempotency::running`] counts it and
+    /// [`Idempotency::shutdown`] waits for it.
+    pub(crate) fn track<F: Future>(&self, future: F) -> TrackedFuture<F> {
+        self.inner.tasks.track_future(future)
+    }
+
+    /// Runs `future` in a task of its own that [`Idempotency::shutdown`] waits for.
+    pub(crate) fn spawn<F>(&self, future: F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        drop(self.inner.tasks.spawn(future));
     }
 }
 

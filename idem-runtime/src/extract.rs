@@ -35,7 +35,7 @@ use http::request::Parts;
 use http::{Method, StatusCode};
 use http_body_util::BodyExt;
 
-use crate::Idempotency;
+use crate::config::Idempotency;
 use crate::fingerprint::Fingerprint;
 use crate::key::IdempotencyKey;
 use crate::problem::{Problem, ProblemKind};
@@ -274,11 +274,8 @@ fn not_configured(request: &Request) -> Response {
         "an #[idempotent] handler ran without the idem runtime: add `.layer(idempotency.layer())` to \
          the Router after this route (see idem_runtime::Idempotency::layer)"
     );
-    Problem::new(
-        ProblemKind::NotConfigured,
-        "the server is missing its idempotency configuration; the request was not processed",
-    )
-    .into_response()
+    // No runtime, so no configured renderer: the default one.
+    Problem::of(ProblemKind::NotConfigured).into_response()
 }
 
 /// A handler's view of its own idempotency: the key, the epoch, whether the lease was lost.

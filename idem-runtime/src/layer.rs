@@ -20,7 +20,16 @@ use http::Request;
 use tower_layer::Layer;
 use tower_service::Service;
 
-use crate::Idempotency;
+use crate::config::Idempotency;
+
+impl Idempotency {
+    /// The layer that makes this runtime available to `#[idempotent]` handlers. Add it with
+    /// `Router::layer` after the routes it covers (axum applies a layer to the routes added before
+    /// it).
+    pub fn layer(&self) -> IdempotencyLayer {
+        IdempotencyLayer::new(self.clone())
+    }
+}
 
 /// Inserts the [`Idempotency`] runtime into each request's extensions. Made by
 /// [`Idempotency::layer`].

@@ -24,7 +24,8 @@
 //!
 //! * [`key`]: parsing the `Idempotency-Key` header;
 //! * [`fingerprint`]: what identifies a request and where its record lives;
-//! * [`store`]: the state machine ([`Store`]) and the embedded [`MemoryStore`];
+//! * [`store`]: the state machine ([`Store`]), the embedded [`MemoryStore`] and the other
+//!   backends;
 //! * [`record`]: recorded responses and their encoding;
 //! * [`problem`]: the RFC 9457 problem responses;
 //! * [`config`]: the runtime ([`Idempotency`]), its builder and per-route settings;

@@ -96,6 +96,33 @@ impl ProblemKind {
     }
 }
 
+impl ProblemKind {
+    /// The detail sentence a problem of this kind carries unless its occurrence has a more
+    /// specific one.
+    pub const fn detail(self) -> &'static str {
+        match self {
+            Self::KeyMissing => "this request must carry an `Idempotency-Key` header",
+            Self::KeyInvalid => "the `Idempotency-Key` header is not a valid key",
+            Self::KeyReused => {
+                "this Idempotency-Key was already used for a different request (method, path, query or body)"
+            }
+            Self::RequestInProgress => {
+                "a request with this Idempotency-Key is still being processed; retry later"
+            }
+            Self::ResultUnavailable => {
+                "the first request with this Idempotency-Key completed, but its response was too large to be replayed"
+            }
+            Self::StoreUnavailable => {
+                "the idempotency store is temporarily unavailable; the request was not processed"
+            }
+            Self::HandlerPanicked => "the request failed unexpectedly; it may be retried",
+            Self::NotConfigured => {
+                "the server is missing its idempotency configuration; the request was not processed"
+            }
+        }
+    }
+}
+
 /// One problem occurrence: its kind, a detail sentence and, for 409/503, when to retry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Problem {
@@ -112,6 +139,11 @@ impl Problem {
             detail: detail.into(),
             retry_after: None,
         }
+    }
+
+    /// A problem of `kind` with the kind's own [detail](ProblemKind::detail).
+    pub fn of(kind: ProblemKind) -> Self {
+        Self::new(kind, kind.detail())
     }
 
     /// Sets the `Retry-After` hint (rounded up to whole seconds, at least 1).
@@ -211,8 +243,9 @@ impl RenderProblem for JsonProblems {
     }
 }
 
-/// Renders `problem` with `renderer` and adds the headers every problem response carries.
-pub(crate) fn respond(renderer: &dyn RenderProblem, problem: &Problem) -> Response {
+/// Renders `problem` with `renderer` and adds the headers every problem response carries: the one
+/// way a problem becomes a response.
+pub(crate) fn render(renderer: &dyn RenderProblem, problem: &Problem) -> Response {
     let mut response = renderer.render(problem);
     let headers = response.headers_mut();
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
@@ -225,7 +258,7 @@ pub(crate) fn respond(renderer: &dyn RenderProblem, problem: &Problem) -> Respon
 impl IntoResponse for Problem {
     /// Renders with the default JSON renderer (used where no runtime is at hand).
     fn into_response(self) -> Response {
-        respond(&JsonProblems::default(), &self)
+        render(&JsonProblems::default(), &self)
     }
 }
 
@@ -239,7 +272,7 @@ mod tests {
     async fn json_document_has_the_rfc_9457_members() {
         let problem = Problem::new(ProblemKind::RequestInProgress, "still running")
             .with_retry_after(Duration::from_millis(1500));
-        let response = respond(&JsonProblems::default(), &problem);
+        let response = render(&JsonProblems::default(), &problem);
         assert_eq!(response.status(), StatusCode::CONFLICT);
         assert_eq!(response.headers()[header::CONTENT_TYPE], PROBLEM_JSON);
         assert_eq!(response.headers()[header::CACHE_CONTROL], "no-store");

@@ -18,8 +18,8 @@ use idem_runtime::fingerprint::{Fingerprint, RecordKey, Scope, scope};
 use idem_runtime::key::IdempotencyKey;
 use idem_runtime::record::{RecordedResult, StoredResponse};
 use idem_runtime::store::{
-    AcquireRequest, Acquired, CompleteRequest, OwnerToken, RedisConfig, RedisStore, Store,
-    StoreError, TieredConfig, TieredStore,
+    AcquireRequest, Acquired, CompleteRequest, OwnerToken, RedisConfig, RedisStore, ReleaseRequest,
+    RenewRequest, Store, StoreError, TieredConfig, TieredStore,
 };
 use idem_runtime::{Idempotency, IdempotencyContext, idempotent};
 use idem_tests::redis::RedisServer;
@@ -47,13 +47,7 @@ fn done<'a>(
     ttl: Duration,
 ) -> CompleteRequest<'a> {
     static PRINT_A: std::sync::LazyLock<Fingerprint> = std::sync::LazyLock::new(|| print("a"));
-    CompleteRequest {
-        key,
-        owner,
-        fingerprint: &PRINT_A,
-        result,
-        ttl,
-    }
+    CompleteRequest::new(key, owner, &PRINT_A, result, ttl)
 }
 
 fn response(body: &'static str) -> Arc<RecordedResult> {
@@ -80,15 +74,8 @@ async fn acquire(
     lease: Duration,
     retention: Duration,
 ) -> Result<Acquired, StoreError> {
-    store
-        .acquire(AcquireRequest {
-            key,
-            owner,
-            fingerprint,
-            lease,
-            retention,
-        })
-        .await
+    let request = AcquireRequest::new(key, owner, fingerprint, lease, retention);
+    store.acquire(request).await
 }
 
 const LEASE: Duration = Duration::from_secs(30);
@@ -181,10 +168,29 @@ async fn each_transition_converges_when_retried() {
     let mismatch = acquire(&store, &k, second, &print("b"), LEASE, RETENTION).await;
     assert!(matches!(mismatch, Ok(Acquired::Mismatch)));
 
-    assert!(store.renew(&k, first, LEASE).await.unwrap());
-    assert!(store.renew(&k, first, LEASE).await.unwrap(), "renew twice");
-    assert!(!store.renew(&k, second, LEASE).await.unwrap());
-    store.release(&k, second).await.unwrap();
+    assert!(
+        store
+            .renew(RenewRequest::new(&k, first, LEASE))
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .renew(RenewRequest::new(&k, first, LEASE))
+            .await
+            .unwrap(),
+        "renew twice"
+    );
+    assert!(
+        !store
+            .renew(RenewRequest::new(&k, second, LEASE))
+            .await
+            .unwrap()
+    );
+    store
+        .release(ReleaseRequest::new(&k, second))
+        .await
+        .unwrap();
     let held = raw_record(&server, &k).unwrap();
     assert_eq!(
         (held.state, held.owner),
@@ -211,8 +217,14 @@ async fn each_transition_converges_when_retried() {
             .await
             .unwrap()
     );
-    assert!(!store.renew(&k, first, LEASE).await.unwrap(), "completed");
-    store.release(&k, first).await.unwrap();
+    assert!(
+        !store
+            .renew(RenewRequest::new(&k, first, LEASE))
+            .await
+            .unwrap(),
+        "completed"
+    );
+    store.release(ReleaseRequest::new(&k, first)).await.unwrap();
 
     match acquire(&store, &k, second, &fp, LEASE, RETENTION).await {
         Ok(Acquired::Completed { result: stored, .. }) => assert_eq!(stored, result),
@@ -241,7 +253,12 @@ async fn an_expired_lease_is_taken_over_and_the_lost_owner_is_refused() {
     let retried = acquire(&store, &k, second, &fp, lease, RETENTION).await;
     assert!(matches!(retried, Ok(Acquired::Execute { epoch: 2 })));
     // The first attempt resumes after its pause: it may neither renew, nor record, nor release.
-    assert!(!store.renew(&k, first, lease).await.unwrap());
+    assert!(
+        !store
+            .renew(RenewRequest::new(&k, first, lease))
+            .await
+            .unwrap()
+    );
     let late = response("late");
     assert!(
         !store
@@ -249,7 +266,7 @@ async fn an_expired_lease_is_taken_over_and_the_lost_owner_is_refused() {
             .await
             .unwrap()
     );
-    store.release(&k, first).await.unwrap();
+    store.release(ReleaseRequest::new(&k, first)).await.unwrap();
     let winner = response("winner");
     assert!(
         store
@@ -277,16 +294,19 @@ async fn release_ends_the_lease_and_keeps_the_epoch() {
     acquire(&store, &k, first, &fp, LEASE, RETENTION)
         .await
         .unwrap();
-    store.release(&k, first).await.unwrap();
-    store.release(&k, first).await.unwrap(); // released twice: harmless
+    store.release(ReleaseRequest::new(&k, first)).await.unwrap();
+    store.release(ReleaseRequest::new(&k, first)).await.unwrap(); // released twice: harmless
     assert!(pttl(&server, &k) > 59_000, "the record is kept");
     let next = acquire(&store, &k, second, &fp, LEASE, RETENTION).await;
     assert!(matches!(next, Ok(Acquired::Execute { epoch: 2 })));
     // A stale release by the first owner changes nothing.
-    store.release(&k, first).await.unwrap();
+    store.release(ReleaseRequest::new(&k, first)).await.unwrap();
     let blocked = acquire(&store, &k, third, &fp, LEASE, RETENTION).await;
     assert!(matches!(blocked, Ok(Acquired::InFlight { .. })));
-    store.release(&k, second).await.unwrap();
+    store
+        .release(ReleaseRequest::new(&k, second))
+        .await
+        .unwrap();
     let next = acquire(&store, &k, third, &fp, LEASE, RETENTION).await;
     assert!(matches!(next, Ok(Acquired::Execute { epoch: 3 })));
 }
@@ -326,7 +346,7 @@ async fn records_live_as_long_as_they_should() {
     );
     assert!(
         store
-            .renew(&k, owner, Duration::from_secs(10))
+            .renew(RenewRequest::new(&k, owner, Duration::from_secs(10)))
             .await
             .unwrap()
     );
@@ -418,14 +438,19 @@ async fn corrupt_records_are_errors_not_panics() {
     );
     let answer = acquire(&store, &k, owner, &fp, LEASE, RETENTION).await;
     assert!(matches!(answer, Err(StoreError::Corrupt(_))), "{answer:?}");
-    assert!(!store.renew(&k, owner, LEASE).await.unwrap());
+    assert!(
+        !store
+            .renew(RenewRequest::new(&k, owner, LEASE))
+            .await
+            .unwrap()
+    );
     assert!(
         !store
             .complete(done(&k, owner, &response("x"), LEASE))
             .await
             .unwrap()
     );
-    store.release(&k, owner).await.unwrap();
+    store.release(ReleaseRequest::new(&k, owner)).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1104,8 +1129,13 @@ async fn the_documented_acl_user_is_enough() {
     acquire(&store, &k, owner, &fp, lease, RETENTION)
         .await
         .unwrap();
-    assert!(store.renew(&k, owner, lease).await.unwrap());
-    store.release(&k, owner).await.unwrap();
+    assert!(
+        store
+            .renew(RenewRequest::new(&k, owner, lease))
+            .await
+            .unwrap()
+    );
+    store.release(ReleaseRequest::new(&k, owner)).await.unwrap();
     let next = OwnerToken::generate();
     let taken = acquire(&store, &k, next, &fp, lease, RETENTION).await;
     assert!(matches!(taken, Ok(Acquired::Execute { epoch: 2 })));

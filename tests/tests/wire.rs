@@ -4,18 +4,16 @@
 //! Concurrency, connections, time (TTL, leases) and the response-size limit are in
 //! `concurrency.rs`; the payments example in `payments_example.rs`.
 
-use std::time::Duration;
-
 use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, State};
 use axum::http::request::Parts;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use http::{HeaderMap, HeaderValue, StatusCode, header};
-use idem_runtime::fingerprint::RecordKey;
 use idem_runtime::problem::Problem;
 use idem_runtime::store::{
-    AcquireRequest, Acquired, CompleteRequest, OwnerToken, StoreError, StoreFuture,
+    AcquireRequest, Acquired, CompleteRequest, ReleaseRequest, RenewRequest, StoreError,
+    StoreFuture,
 };
 use idem_runtime::{Idempotency, IdempotencyContext, MemoryStore, Store, idempotent};
 use idem_tests::support::{IDEMPOTENCY_KEY, Ledger, Reply, keyed, request, send, unkeyed};
@@ -749,19 +747,19 @@ struct Unreachable;
 
 impl Store for Unreachable {
     fn acquire<'a>(&'a self, _: AcquireRequest<'a>) -> StoreFuture<'a, Acquired> {
-        Box::pin(async { Err(StoreError::Unavailable("connection refused".into())) })
+        StoreFuture::new(async { Err(StoreError::Unavailable("connection refused".into())) })
     }
 
-    fn renew<'a>(&'a self, _: &'a RecordKey, _: OwnerToken, _: Duration) -> StoreFuture<'a, bool> {
-        Box::pin(async { Err(StoreError::Unavailable("connection refused".into())) })
+    fn renew<'a>(&'a self, _: RenewRequest<'a>) -> StoreFuture<'a, bool> {
+        StoreFuture::new(async { Err(StoreError::Unavailable("connection refused".into())) })
     }
 
     fn complete<'a>(&'a self, _: CompleteRequest<'a>) -> StoreFuture<'a, bool> {
-        Box::pin(async { Err(StoreError::Unavailable("connection refused".into())) })
+        StoreFuture::new(async { Err(StoreError::Unavailable("connection refused".into())) })
     }
 
-    fn release<'a>(&'a self, _: &'a RecordKey, _: OwnerToken) -> StoreFuture<'a, ()> {
-        Box::pin(async { Err(StoreError::Unavailable("connection refused".into())) })
+    fn release<'a>(&'a self, _: ReleaseRequest<'a>) -> StoreFuture<'a, ()> {
+        StoreFuture::new(async { Err(StoreError::Unavailable("connection refused".into())) })
     }
 }
 
@@ -1109,19 +1107,14 @@ impl Store for Remote {
     fn acquire<'a>(&'a self, request: AcquireRequest<'a>) -> StoreFuture<'a, Acquired> {
         self.0.acquire(request)
     }
-    fn renew<'a>(
-        &'a self,
-        key: &'a RecordKey,
-        owner: OwnerToken,
-        lease: Duration,
-    ) -> StoreFuture<'a, bool> {
-        self.0.renew(key, owner, lease)
+    fn renew<'a>(&'a self, request: RenewRequest<'a>) -> StoreFuture<'a, bool> {
+        self.0.renew(request)
     }
     fn complete<'a>(&'a self, request: CompleteRequest<'a>) -> StoreFuture<'a, bool> {
         self.0.complete(request)
     }
-    fn release<'a>(&'a self, key: &'a RecordKey, owner: OwnerToken) -> StoreFuture<'a, ()> {
-        self.0.release(key, owner)
+    fn release<'a>(&'a self, request: ReleaseRequest<'a>) -> StoreFuture<'a, ()> {
+        self.0.release(request)
     }
 }
 

@@ -12,18 +12,21 @@
 //! ```
 //!
 //! * **acquire**(owner, fingerprint): absent → in-flight with epoch 1; a different fingerprint →
-//!   [`Acquired::Mismatch`]; completed → [`Acquired::Completed`] with the recorded result; a live lease
-//!   of another owner → [`Acquired::InFlight`]; the same owner → [`Acquired::Execute`] again (a
-//!   retried command converges); an expired lease → taken over with epoch + 1.
+//!   [`Acquired::Mismatch`]; completed → [`Acquired::Completed`] with the recorded result; a live
+//!   lease of another owner → [`Acquired::InFlight`]; the same owner → [`Acquired::Execute`] again
+//!   (a retried command converges); an expired or released lease → taken over with epoch + 1.
 //! * **renew**(owner): extends the lease if the caller still owns it.
 //! * **complete**(owner, result): records the result if the caller still owns the record; repeating
 //!   it is harmless.
 //! * **release**(owner): ends the lease now without deleting the record, so epochs stay monotonic.
 //!
 //! Every transition must be atomic and safe to run twice, because a command that timed out may still
-//! have executed. [`MemoryStore`] is the embedded implementation; `RedisStore` (feature `redis`)
-//! shares records across a fleet, and [`TieredStore`] answers replays from process memory in front
-//! of it.
+//! have executed. Beside the transitions, [`Store::cached`] answers from process memory, without
+//! waiting, for records a store holds **completed** there ([`Cached`]).
+//!
+//! Each backend keeps its transitions in one file: [`MemoryStore`] (embedded, one instance),
+//! `RedisStore` (feature `redis`, shared by a fleet) and [`TieredStore`] (completed records in
+//! process memory in front of another store).
 //!
 //! ```
 //! # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
@@ -35,18 +38,18 @@
 //! let store = MemoryStore::new(1 << 20);
 //! let key = RecordKey::new(&Scope::NONE, &IdempotencyKey::parse_bytes(b"k").unwrap());
 //! let fingerprint = Fingerprint::of(&http::Method::POST, "/", "/", "", b"");
-//! let request = |owner| AcquireRequest {
-//!     key: &key, owner, fingerprint: &fingerprint,
-//!     lease: Duration::from_secs(30), retention: Duration::from_secs(3600),
-//! };
+//! let (lease, retention) = (Duration::from_secs(30), Duration::from_secs(3600));
 //! let (first, second) = (OwnerToken::generate(), OwnerToken::generate());
-//! assert!(matches!(store.acquire(request(first)).await?, Acquired::Execute { epoch: 1 }));
-//! assert!(matches!(store.acquire(request(second)).await?, Acquired::InFlight { .. }));
+//! let acquire = |owner| AcquireRequest::new(&key, owner, &fingerprint, lease, retention);
+//! assert!(matches!(store.acquire(acquire(first)).await?, Acquired::Execute { epoch: 1 }));
+//! assert!(matches!(store.acquire(acquire(second)).await?, Acquired::InFlight { .. }));
 //! # Ok::<(), idem_runtime::store::StoreError>(())
 //! # }).unwrap();
 //! ```
 
+mod cache;
 mod memory;
+mod owner;
 #[cfg(feature = "redis")]
 mod redis;
 mod tiered;
@@ -54,7 +57,7 @@ mod tiered;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 #[cfg(feature = "redis-cluster")]
@@ -62,147 +65,50 @@ pub use self::redis::RedisClusterStore;
 #[cfg(feature = "redis")]
 pub use self::redis::{RedisConfig, RedisStore};
 pub use memory::MemoryStore;
+pub use owner::OwnerToken;
 pub use tiered::{TieredConfig, TieredStats, TieredStore};
 
 use crate::fingerprint::{Fingerprint, RecordKey};
 use crate::record::RecordedResult;
 
-/// Bytes charged per cached record on top of its recorded response: the key, fingerprint and
-/// deadline, moka's entry with its deque and timer nodes, the hash table's slot, the `Arc` and
-/// the allocator's headers. Measured with `idem-bench memory` (docs/BENCHMARKS.md), so that the
-/// byte bound is what the process really spends.
-pub(crate) const RECORD_OVERHEAD: u32 = 1024;
-
-/// The cache of records both in-process stores keep ([`MemoryStore`]'s settled records,
-/// [`TieredStore`]'s completed ones), up to its expiry settings: bounded to `capacity_bytes`, each
-/// entry weighing its response (`response_bytes`) plus [`RECORD_OVERHEAD`], least recently used
-/// evicted first (for [`TieredStore`], whose replays read an index beside moka, that is oldest
-/// cached first). moka's default policy (`TinyLFU`) would instead refuse a new entry whose key it
-/// has seen less often than the entries it would evict, which at the bound is every new key: a
-/// retry of a recent key would miss its record (and, in the embedded store, run again).
-pub(crate) fn record_cache<V>(
-    capacity_bytes: u64,
-    response_bytes: fn(&V) -> usize,
-) -> moka::sync::CacheBuilder<RecordKey, V, moka::sync::Cache<RecordKey, V>>
-where
-    V: Clone + Send + Sync + 'static,
-{
-    moka::sync::Cache::builder()
-        .max_capacity(capacity_bytes)
-        .weigher(move |_: &RecordKey, value: &V| {
-            u32::try_from(response_bytes(value))
-                .unwrap_or(u32::MAX)
-                .saturating_add(RECORD_OVERHEAD)
-        })
-        .eviction_policy(moka::policy::EvictionPolicy::lru())
-}
-
-/// The hasher of the in-process stores' tables, keyed by [`RecordKey`].
+/// The idempotency state machine. See the [module docs](self) for the transitions.
 ///
-/// Record keys are SHA-256 digests, so hashing them again with `SipHash` (the standard library's
-/// default, ~18 % of an in-process first execution when measured) buys nothing. This mixes the
-/// 8 bytes a [`RecordKey`] hashes to with a per-process random seed through the `splitmix64`
-/// finaliser: a few multiplications, and a client that grinds keys for colliding digests still
-/// cannot aim at one bucket without knowing the seed.
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct KeyHasher {
-    seed: u64,
-    state: u64,
-}
+/// Each transition takes one request struct and returns a [`StoreFuture`]. Implementations must
+/// make each transition atomic and idempotent for the same owner. The trait is object safe, so a
+/// runtime holds any store as `Arc<dyn Store>`.
+pub trait Store: Send + Sync + 'static {
+    /// Tries to take ownership of the record for `request.owner`.
+    fn acquire<'a>(&'a self, request: AcquireRequest<'a>) -> StoreFuture<'a, Acquired>;
 
-impl KeyHasher {
-    /// A hasher builder with this process's seed.
-    pub(crate) fn builder() -> Self {
-        static SEED: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
-        let seed = *SEED.get_or_init(|| {
-            use std::hash::BuildHasher as _;
-            std::collections::hash_map::RandomState::new().hash_one(0x1de4_u64)
-        });
-        Self { seed, state: 0 }
-    }
+    /// Extends the lease; `Ok(false)` when `request.owner` no longer owns the record.
+    fn renew<'a>(&'a self, request: RenewRequest<'a>) -> StoreFuture<'a, bool>;
 
-    fn mix(mut z: u64) -> u64 {
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-}
+    /// Records the result and keeps it for `request.ttl`; `Ok(false)` when `request.owner` no
+    /// longer owns the record (the result is then discarded).
+    fn complete<'a>(&'a self, request: CompleteRequest<'a>) -> StoreFuture<'a, bool>;
 
-impl std::hash::BuildHasher for KeyHasher {
-    type Hasher = Self;
+    /// Ends `request.owner`'s lease now, keeping the record (and its epoch) so the next acquire
+    /// takes over.
+    fn release<'a>(&'a self, request: ReleaseRequest<'a>) -> StoreFuture<'a, ()>;
 
-    fn build_hasher(&self) -> Self {
-        *self
-    }
-}
-
-impl std::hash::Hasher for KeyHasher {
-    fn write_u64(&mut self, value: u64) {
-        self.state = Self::mix(self.state.rotate_left(5) ^ value ^ self.seed);
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for chunk in bytes.chunks(8) {
-            let mut word = [0; 8];
-            word[..chunk.len()].copy_from_slice(chunk);
-            self.write_u64(u64::from_le_bytes(word));
-        }
-    }
-
-    fn finish(&self) -> u64 {
-        self.state
-    }
-}
-
-/// The future every [`Store`] method returns.
-pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
-
-/// Identifies one attempt at running a handler: the owner of an in-flight record.
-///
-/// 128 bits: a random per-process prefix and a counter, so tokens never repeat across processes or
-/// within one.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
-pub struct OwnerToken(pub u128);
-
-impl OwnerToken {
-    /// A token no other attempt, in this process or another, holds.
-    pub fn generate() -> Self {
-        static PROCESS: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
-        static COUNTER: AtomicU64 = AtomicU64::new(0);
-        // Each thread takes counts in blocks, so that two cores generating tokens do not pass the
-        // counter's cache line back and forth on every request.
-        const BLOCK: u64 = 1024;
-        thread_local! {
-            static RESERVED: std::cell::Cell<(u64, u64)> = const { std::cell::Cell::new((0, 0)) };
-        }
-        let prefix = *PROCESS.get_or_init(|| {
-            let mut seed = [0_u8; 8];
-            if getrandom::fill(&mut seed).is_err() {
-                // No OS randomness: fall back to time and pid, still distinct between processes.
-                let nanos = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_nanos());
-                #[allow(clippy::cast_possible_truncation)]
-                let mixed = (nanos as u64) ^ (u64::from(std::process::id()) << 32);
-                seed = mixed.to_be_bytes();
-            }
-            u64::from_be_bytes(seed)
-        });
-        let count = RESERVED.with(|reserved| {
-            let (mut next, mut end) = reserved.get();
-            if next == end {
-                next = COUNTER.fetch_add(BLOCK, Ordering::Relaxed);
-                end = next + BLOCK;
-            }
-            reserved.set((next + 1, end));
-            next
-        });
-        Self((u128::from(prefix) << 64) | u128::from(count))
+    /// Answers from process memory, without waiting, for a record this store holds **completed**
+    /// there. `None` (the default) in every other case, and then [`acquire`](Store::acquire)
+    /// decides.
+    ///
+    /// The executor asks this before anything else, so a replay from memory skips the handler's
+    /// extractor (no parsing of the body) and the acquire; when it misses, the executor's acquire
+    /// says so ([`AcquireRequest::memory_checked`]) so the store does not look again. Completed
+    /// records never change until they expire, so answering from a copy is safe; a store must
+    /// never answer for a record that is in flight or released.
+    fn cached(&self, key: &RecordKey, fingerprint: &Fingerprint) -> Option<Cached> {
+        let _ = (key, fingerprint);
+        None
     }
 }
 
 /// The arguments of [`Store::acquire`].
 #[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
 pub struct AcquireRequest<'a> {
     /// The record.
     pub key: &'a RecordKey,
@@ -215,10 +121,61 @@ pub struct AcquireRequest<'a> {
     /// How long an in-flight record is kept at most (the route's ttl): long enough that a later
     /// takeover still sees the epoch and the fingerprint.
     pub retention: Duration,
+    /// The caller asked [`Store::cached`] for this record just before and got no answer, so a store
+    /// with a memory tier goes straight to its authority instead of looking again. `false` from
+    /// [`AcquireRequest::new`].
+    pub memory_checked: bool,
+}
+
+impl<'a> AcquireRequest<'a> {
+    /// An acquire of `key` for `owner`, not preceded by [`Store::cached`].
+    pub fn new(
+        key: &'a RecordKey,
+        owner: OwnerToken,
+        fingerprint: &'a Fingerprint,
+        lease: Duration,
+        retention: Duration,
+    ) -> Self {
+        Self {
+            key,
+            owner,
+            fingerprint,
+            lease,
+            retention,
+            memory_checked: false,
+        }
+    }
+
+    /// Marks the request as following a [`Store::cached`] that had no answer.
+    #[must_use]
+    pub fn after_memory_miss(mut self) -> Self {
+        self.memory_checked = true;
+        self
+    }
+}
+
+/// The arguments of [`Store::renew`].
+#[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
+pub struct RenewRequest<'a> {
+    /// The record.
+    pub key: &'a RecordKey,
+    /// The attempt running the handler.
+    pub owner: OwnerToken,
+    /// The new lease, from now.
+    pub lease: Duration,
+}
+
+impl<'a> RenewRequest<'a> {
+    /// A renewal of `owner`'s lease on `key` for `lease` from now.
+    pub fn new(key: &'a RecordKey, owner: OwnerToken, lease: Duration) -> Self {
+        Self { key, owner, lease }
+    }
 }
 
 /// The arguments of [`Store::complete`].
 #[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
 pub struct CompleteRequest<'a> {
     /// The record.
     pub key: &'a RecordKey,
@@ -231,6 +188,42 @@ pub struct CompleteRequest<'a> {
     pub result: &'a Arc<RecordedResult>,
     /// How long the completed record is kept (the route's ttl).
     pub ttl: Duration,
+}
+
+impl<'a> CompleteRequest<'a> {
+    /// A completion of `key` by `owner`, keeping `result` for `ttl`.
+    pub fn new(
+        key: &'a RecordKey,
+        owner: OwnerToken,
+        fingerprint: &'a Fingerprint,
+        result: &'a Arc<RecordedResult>,
+        ttl: Duration,
+    ) -> Self {
+        Self {
+            key,
+            owner,
+            fingerprint,
+            result,
+            ttl,
+        }
+    }
+}
+
+/// The arguments of [`Store::release`].
+#[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
+pub struct ReleaseRequest<'a> {
+    /// The record.
+    pub key: &'a RecordKey,
+    /// The attempt giving the record up.
+    pub owner: OwnerToken,
+}
+
+impl<'a> ReleaseRequest<'a> {
+    /// A release of `key` by `owner`.
+    pub fn new(key: &'a RecordKey, owner: OwnerToken) -> Self {
+        Self { key, owner }
+    }
 }
 
 /// The answer of [`Store::acquire`].
@@ -258,6 +251,29 @@ pub enum Acquired {
     },
 }
 
+/// The answer of [`Store::cached`]: what process memory can say about a **completed** record.
+#[derive(Debug, Clone)]
+pub enum Cached {
+    /// The same request: replay this result.
+    Completed {
+        /// The recorded result.
+        result: Arc<RecordedResult>,
+        /// How long the record still lives.
+        ttl_left: Duration,
+    },
+    /// The key was first used with a different fingerprint.
+    Mismatch,
+}
+
+impl From<Cached> for Acquired {
+    fn from(cached: Cached) -> Self {
+        match cached {
+            Cached::Completed { result, ttl_left } => Self::Completed { result, ttl_left },
+            Cached::Mismatch => Self::Mismatch,
+        }
+    }
+}
+
 /// A store operation failed. The request is answered `503 store-unavailable` (fail closed).
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -273,40 +289,53 @@ pub enum StoreError {
     Corrupt(#[from] crate::record::DecodeError),
 }
 
-/// The idempotency state machine. See the [module docs](self) for the transitions.
+/// The future every [`Store`] transition returns: an answer known at once (an in-process store,
+/// no allocation) or a boxed future (a store that waits for the network).
 ///
-/// Implementations must make each method atomic and idempotent for the same owner. Futures are
-/// boxed so a runtime can hold any store as `Arc<dyn Store>`.
-pub trait Store: Send + Sync + 'static {
-    /// Tries to take ownership of the record for `request.owner`.
-    fn acquire<'a>(&'a self, request: AcquireRequest<'a>) -> StoreFuture<'a, Acquired>;
+/// Like the standard library's futures, it panics if polled again after it completed.
+#[must_use = "futures do nothing unless polled"]
+pub struct StoreFuture<'a, T>(Answer<'a, T>);
 
-    /// Extends the lease; `Ok(false)` when `owner` no longer owns the record.
-    fn renew<'a>(
-        &'a self,
-        key: &'a RecordKey,
-        owner: OwnerToken,
-        lease: Duration,
-    ) -> StoreFuture<'a, bool>;
+enum Answer<'a, T> {
+    Ready(Option<Result<T, StoreError>>),
+    Waiting(Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>),
+}
 
-    /// Records the result and keeps it for `request.ttl`; `Ok(false)` when `request.owner` no
-    /// longer owns the record (the result is then discarded).
-    fn complete<'a>(&'a self, request: CompleteRequest<'a>) -> StoreFuture<'a, bool>;
+impl<'a, T> StoreFuture<'a, T> {
+    /// An answer known now.
+    pub fn ready(answer: Result<T, StoreError>) -> Self {
+        Self(Answer::Ready(Some(answer)))
+    }
 
-    /// Ends `owner`'s lease now, keeping the record (and its epoch) so the next acquire takes over.
-    fn release<'a>(&'a self, key: &'a RecordKey, owner: OwnerToken) -> StoreFuture<'a, ()>;
+    /// An answer `future` will give.
+    pub fn new(future: impl Future<Output = Result<T, StoreError>> + Send + 'a) -> Self {
+        Self(Answer::Waiting(Box::pin(future)))
+    }
+}
 
-    /// Answers from process memory, without waiting, for a record this store holds **completed**
-    /// there: [`Acquired::Completed`] for the same fingerprint, [`Acquired::Mismatch`] for another.
-    /// `None` (the default) in every other case, and then [`acquire`](Store::acquire) decides.
-    ///
-    /// The executor asks this before anything else, so a replay from memory skips the handler's
-    /// extractor (no parsing of the body) and the acquire. Completed records never change until
-    /// they expire, so answering from a copy is safe; a store must never answer for a record
-    /// that is in flight or released.
-    fn cached(&self, key: &RecordKey, fingerprint: &Fingerprint) -> Option<Acquired> {
-        let _ = (key, fingerprint);
-        None
+impl<T: Unpin> Future for StoreFuture<'_, T> {
+    type Output = Result<T, StoreError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match &mut self.get_mut().0 {
+            Answer::Ready(answer) => Poll::Ready(
+                answer
+                    .take()
+                    .expect("`StoreFuture` polled after completion"),
+            ),
+            Answer::Waiting(future) => future.as_mut().poll(cx),
+        }
+    }
+}
+
+impl<T> std::fmt::Debug for StoreFuture<'_, T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let state = match self.0 {
+            Answer::Ready(Some(_)) => "ready",
+            Answer::Ready(None) => "done",
+            Answer::Waiting(_) => "waiting",
+        };
+        f.debug_tuple("StoreFuture").field(&state).finish()
     }
 }
 
@@ -316,7 +345,7 @@ pub(crate) mod testing {
     use std::sync::Arc;
     use std::time::Duration;
 
-    use super::{CompleteRequest, OwnerToken, Store};
+    use super::{AcquireRequest, Acquired, CompleteRequest, OwnerToken, Store};
     use crate::fingerprint::{Fingerprint, RecordKey, Scope};
     use crate::key::IdempotencyKey;
     use crate::record::RecordedResult;
@@ -334,6 +363,18 @@ pub(crate) mod testing {
         Fingerprint::of(&http::Method::POST, "/", "/", "", body.as_bytes())
     }
 
+    /// Acquires with a one-minute retention and unwraps the store's answer.
+    pub(crate) async fn acquire(
+        store: &impl Store,
+        key: &RecordKey,
+        owner: OwnerToken,
+        fingerprint: &Fingerprint,
+        lease: Duration,
+    ) -> Acquired {
+        let request = AcquireRequest::new(key, owner, fingerprint, lease, Duration::from_mins(1));
+        store.acquire(request).await.unwrap()
+    }
+
     /// Completes the record and unwraps the store's answer.
     pub(crate) async fn complete(
         store: &impl Store,
@@ -343,59 +384,30 @@ pub(crate) mod testing {
         result: &Arc<RecordedResult>,
         ttl: Duration,
     ) -> bool {
-        let request = CompleteRequest {
-            key,
-            owner,
-            fingerprint,
-            result,
-            ttl,
-        };
+        let request = CompleteRequest::new(key, owner, fingerprint, result, ttl);
         store.complete(request).await.unwrap()
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use std::hash::BuildHasher as _;
+    use super::*;
 
-    use super::{KeyHasher, OwnerToken};
-    use crate::fingerprint::RecordKey;
-
-    #[test]
-    fn owner_tokens_never_repeat_across_threads() {
-        // More tokens per thread than one reserved block, so every thread takes several.
-        let per_thread = 3000;
-        let tokens: Vec<Vec<OwnerToken>> = std::thread::scope(|scope| {
-            let threads: Vec<_> = (0..4)
-                .map(|_| scope.spawn(|| (0..per_thread).map(|_| OwnerToken::generate()).collect()))
-                .collect();
-            threads.into_iter().map(|t| t.join().unwrap()).collect()
-        });
-        let distinct: std::collections::HashSet<_> = tokens.iter().flatten().collect();
-        assert_eq!(distinct.len(), 4 * per_thread);
-        // One process prefix for all of them.
-        let prefixes: std::collections::HashSet<_> =
-            tokens.iter().flatten().map(|t| t.0 >> 64).collect();
-        assert_eq!(prefixes.len(), 1);
+    #[tokio::test]
+    async fn a_ready_answer_needs_no_waiting() {
+        let answer: StoreFuture<'_, u8> = StoreFuture::ready(Ok(7));
+        assert_eq!(answer.await.unwrap(), 7);
+        let waiting: StoreFuture<'_, u8> = StoreFuture::new(async { Err(StoreError::Timeout) });
+        assert!(matches!(waiting.await, Err(StoreError::Timeout)));
     }
 
     #[test]
-    fn the_key_hasher_is_deterministic_and_spreads_keys() {
-        let hasher = KeyHasher::builder();
-        let key = |byte: u8| RecordKey([byte; 32]);
-        assert_eq!(
-            hasher.hash_one(key(1)),
-            KeyHasher::builder().hash_one(key(1))
-        );
-        // Keys that differ in one bit of the hashed prefix land far apart, also in the low bits
-        // a table uses as its bucket index.
-        let mut low_bits = std::collections::HashSet::new();
-        for bit in 0..64 {
-            let mut digest = [0; 32];
-            digest[bit / 8] = 1 << (bit % 8);
-            low_bits.insert(hasher.hash_one(RecordKey(digest)) & 0xffff);
-        }
-        assert!(low_bits.len() >= 60, "{} distinct of 64", low_bits.len());
-        assert_ne!(hasher.hash_one(key(1)), hasher.hash_one(key(2)));
+    #[should_panic(expected = "polled after completion")]
+    fn polling_a_finished_answer_panics_like_std() {
+        let mut answer: StoreFuture<'_, ()> = StoreFuture::ready(Ok(()));
+        let waker = std::task::Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        assert!(Pin::new(&mut answer).poll(&mut cx).is_ready());
+        let _ = Pin::new(&mut answer).poll(&mut cx);
     }
 }

@@ -15,21 +15,17 @@
 //! let store = TieredStore::new(MemoryStore::default());
 //! let key = RecordKey::new(&Scope::NONE, &IdempotencyKey::parse_bytes(b"k").unwrap());
 //! let fingerprint = Fingerprint::of(&http::Method::POST, "/", "/", "", b"");
-//! let request = |owner| AcquireRequest {
-//!     key: &key, owner, fingerprint: &fingerprint,
-//!     lease: Duration::from_secs(30), retention: Duration::from_secs(3600),
-//! };
+//! let (lease, ttl) = (Duration::from_secs(30), Duration::from_secs(3600));
+//! let acquire = |owner| AcquireRequest::new(&key, owner, &fingerprint, lease, ttl);
 //! let owner = OwnerToken::generate();
-//! assert!(matches!(store.acquire(request(owner)).await?, Acquired::Execute { epoch: 1 }));
+//! assert!(matches!(store.acquire(acquire(owner)).await?, Acquired::Execute { epoch: 1 }));
 //! let result = Arc::new(RecordedResult::TooLarge);
-//! let ttl = Duration::from_secs(3600);
-//! let done = CompleteRequest { key: &key, owner, fingerprint: &fingerprint, result: &result, ttl };
-//! assert!(store.complete(done).await?);
+//! assert!(store.complete(CompleteRequest::new(&key, owner, &fingerprint, &result, ttl)).await?);
 //!
 //! // The first replay asks the inner store once and caches its answer; the next is answered
 //! // from memory, without asking the inner store.
 //! for _ in 0..2 {
-//!     let replay = store.acquire(request(OwnerToken::generate())).await?;
+//!     let replay = store.acquire(acquire(OwnerToken::generate())).await?;
 //!     assert!(matches!(replay, Acquired::Completed { .. }));
 //! }
 //! assert_eq!((store.stats().misses, store.stats().hits), (2, 1));
@@ -37,33 +33,26 @@
 //! # }).unwrap();
 //! ```
 
-use std::collections::HashMap;
 use std::fmt;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
-use moka::notification::RemovalCause;
-use moka::sync::Cache;
-
+use super::cache::{RecordCache, Settled, SettledRecord};
 use super::{
-    AcquireRequest, Acquired, CompleteRequest, KeyHasher, OwnerToken, Store, StoreFuture,
-    record_cache,
+    AcquireRequest, Acquired, Cached, CompleteRequest, ReleaseRequest, RenewRequest, Store,
+    StoreFuture,
 };
 use crate::fingerprint::{Fingerprint, RecordKey};
 use crate::record::RecordedResult;
 
-/// The bounds of the cache's time-to-live, whatever `max_entry_ttl` says: moka refuses a zero
-/// or a longer-than-a-thousand-years one. (A zero `max_entry_ttl` caches nothing anyway.)
-const MIN_CACHE_TTL: Duration = Duration::from_millis(1);
-const MAX_CACHE_TTL: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
-
 /// A store that answers replays of completed records from process memory, in front of a shared
 /// `inner` store (normally a [`RedisStore`](super::RedisStore)).
 ///
-/// * **acquire**: a cached record with the same fingerprint is replayed without asking `inner` (0
-///   round trips); with a different fingerprint the answer is [`Acquired::Mismatch`]; otherwise
-///   `inner` decides, and a [`Acquired::Completed`] answer is cached.
+/// * **cached**: a cached record with the same fingerprint is replayed without asking `inner` (0
+///   round trips); with a different fingerprint the answer is [`Cached::Mismatch`].
+/// * **acquire**: answers like `cached` first (unless the caller just asked it), otherwise `inner`
+///   decides, and an [`Acquired::Completed`] answer is cached.
 /// * **complete**: `inner` records the result. The instance's own results are not cached unless
 ///   [`TieredConfig::cache_own_results`] says so.
 /// * **renew** and **release** go to `inner` unchanged.
@@ -76,8 +65,7 @@ const MAX_CACHE_TTL: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 /// reaches the instance that ran the request only by chance behind a load balancer, so caching
 /// every result on the way out would make every first execution pay a cache insert (and, at the
 /// bound, an eviction) for records that are almost never read, and would push the records that
-/// clients really retry out of the cache. Measured on the load benchmark: 15 µs of server CPU per
-/// first execution at the bound, and a quarter of its throughput (`docs/BENCHMARKS.md`).
+/// clients really retry out of the cache (`docs/BENCHMARKS.md` measures the cost).
 ///
 /// Only **completed** records are cached: they never change until they expire, so a cached copy
 /// is always right. In-flight state is always read from `inner`, which stays the single authority
@@ -87,88 +75,13 @@ const MAX_CACHE_TTL: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 /// replayed after at most that long. The cache is bounded in bytes and drops its oldest records
 /// first (a retry follows its first attempt closely, so the newest records are the ones worth
 /// keeping); evicted records are simply asked for again.
-///
-/// moka holds the cache: it weighs the records against the bound, expires them and evicts them.
-/// Replays read a plain sharded index of the same records, which moka's eviction listener keeps in
-/// step, so that a hit takes one shard's read lock and nothing else: a moka read also records
-/// itself for moka's bookkeeping in a log shared by every thread, which costs more than the rest
-/// of the lookup once two cores replay at once (`docs/BENCHMARKS.md`). Reads then no longer reorder
-/// moka's LRU list, which is what makes the eviction order oldest-cached first.
 pub struct TieredStore<S> {
     inner: S,
-    /// Bounds, expires and evicts the cached records; its eviction listener removes them from
-    /// `index`.
-    completed: Cache<RecordKey, CachedRecord, KeyHasher>,
-    /// What `completed` holds, for reading.
-    index: Arc<Index>,
-    next_id: AtomicU64,
+    completed: RecordCache,
     max_entry_ttl: Duration,
     cache_own_results: bool,
     hits: AtomicU64,
     misses: AtomicU64,
-}
-
-#[derive(Clone)]
-struct CachedRecord {
-    /// Tells this caching of the key from an earlier one whose eviction is reported late.
-    id: u64,
-    fingerprint: Fingerprint,
-    result: Arc<RecordedResult>,
-    expires_at: Instant,
-}
-
-/// Shards of the read index: two cores replaying different keys rarely touch the same lock.
-const INDEX_SHARDS: usize = 16;
-
-/// The cached records by key, sharded; a replay takes one shard's read lock.
-struct Index {
-    shards: [RwLock<HashMap<RecordKey, CachedRecord, KeyHasher>>; INDEX_SHARDS],
-}
-
-impl Index {
-    fn new() -> Self {
-        Self {
-            shards: std::array::from_fn(|_| {
-                RwLock::new(HashMap::with_hasher(KeyHasher::builder()))
-            }),
-        }
-    }
-
-    fn shard(&self, key: &RecordKey) -> &RwLock<HashMap<RecordKey, CachedRecord, KeyHasher>> {
-        &self.shards[usize::from(key.0[1]) % INDEX_SHARDS]
-    }
-
-    fn get(&self, key: &RecordKey) -> Option<CachedRecord> {
-        read(self.shard(key)).get(key).cloned()
-    }
-
-    fn insert(&self, key: RecordKey, record: CachedRecord) {
-        write(self.shard(&key)).insert(key, record);
-    }
-
-    /// Removes the key's record if it is still caching `id`.
-    fn remove(&self, key: &RecordKey, id: u64) {
-        let mut shard = write(self.shard(key));
-        if shard.get(key).is_some_and(|record| record.id == id) {
-            shard.remove(key);
-        }
-    }
-
-    fn clear(&self) {
-        for shard in &self.shards {
-            write(shard).clear();
-        }
-    }
-}
-
-/// Every change to the index is a single map operation, so a lock poisoned by a panic elsewhere
-/// still guards a consistent map.
-fn read<T>(lock: &RwLock<T>) -> RwLockReadGuard<'_, T> {
-    lock.read().unwrap_or_else(PoisonError::into_inner)
-}
-
-fn write<T>(lock: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
-    lock.write().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// The settings of a [`TieredStore`]. Every setter states its default.
@@ -261,26 +174,9 @@ impl<S: Store> TieredStore<S> {
 
     /// `inner` with a cache configured by `config`.
     pub fn with_config(inner: S, config: TieredConfig) -> Self {
-        let index = Arc::new(Index::new());
-        let evicted = Arc::clone(&index);
-        let completed = record_cache(config.capacity_bytes, |record: &CachedRecord| {
-            record.result.weight()
-        })
-        // Every entry's own deadline is checked on each hit; moka only needs a bound, and one
-        // time-to-live for all entries spares each read a per-entry timer.
-        .time_to_live(config.max_entry_ttl.clamp(MIN_CACHE_TTL, MAX_CACHE_TTL))
-        .eviction_listener(move |key: Arc<RecordKey>, record: CachedRecord, cause| {
-            // A replaced record's successor is already in the index.
-            if cause != RemovalCause::Replaced {
-                evicted.remove(&key, record.id);
-            }
-        })
-        .build_with_hasher(KeyHasher::builder());
         Self {
             inner,
-            completed,
-            index,
-            next_id: AtomicU64::new(0),
+            completed: RecordCache::new(config.capacity_bytes),
             max_entry_ttl: config.max_entry_ttl,
             cache_own_results: config.cache_own_results,
             hits: AtomicU64::new(0),
@@ -296,7 +192,6 @@ impl<S: Store> TieredStore<S> {
     /// The cache's counters. Runs the cache's pending maintenance first, so the entry count and
     /// size are current.
     pub fn stats(&self) -> TieredStats {
-        self.completed.run_pending_tasks();
         TieredStats {
             hits: self.hits.load(Ordering::Relaxed),
             misses: self.misses.load(Ordering::Relaxed),
@@ -308,29 +203,14 @@ impl<S: Store> TieredStore<S> {
     /// Drops every cached record (the inner store is untouched): the next acquire of each key
     /// asks the inner store.
     pub fn clear_cache(&self) {
-        self.completed.invalidate_all();
-        self.completed.run_pending_tasks();
-        self.index.clear();
+        self.completed.clear();
     }
 
-    /// The answer for a cached record that has not reached its deadline, counted as a hit.
-    fn hit(&self, key: &RecordKey, fingerprint: &Fingerprint) -> Option<Acquired> {
-        let cached = self.index.get(key)?;
-        let now = Instant::now();
-        if cached.expires_at <= now {
-            // Past its record's deadline but within the cache's time-to-live.
-            self.index.remove(key, cached.id);
-            self.completed.invalidate(key);
-            return None;
-        }
+    /// The cache's answer, counted as a hit.
+    fn hit(&self, key: &RecordKey, fingerprint: &Fingerprint) -> Option<Cached> {
+        let answer = self.completed.answer(key, fingerprint)?;
         self.hits.fetch_add(1, Ordering::Relaxed);
-        if cached.fingerprint != *fingerprint {
-            return Some(Acquired::Mismatch);
-        }
-        Some(Acquired::Completed {
-            result: cached.result,
-            ttl_left: cached.expires_at - now,
-        })
+        Some(answer)
     }
 
     /// Caches a completed record until `learned_at + ttl_left`, capped by `max_entry_ttl`.
@@ -349,80 +229,61 @@ impl<S: Store> TieredStore<S> {
         let Some(expires_at) = learned_at.checked_add(keep) else {
             return;
         };
-        if expires_at <= Instant::now() {
-            return;
-        }
-        let record = CachedRecord {
-            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+        let record = SettledRecord {
             fingerprint,
-            result,
             expires_at,
+            state: Settled::Completed { result, by: None },
         };
-        // Indexed first: should moka refuse or evict it at once, its listener finds it there.
-        self.index.insert(key, record.clone());
         self.completed.insert(key, record);
     }
 }
 
 impl<S: Store> Store for TieredStore<S> {
     fn acquire<'a>(&'a self, request: AcquireRequest<'a>) -> StoreFuture<'a, Acquired> {
-        Box::pin(async move {
-            if let Some(answer) = self.hit(request.key, request.fingerprint) {
-                return Ok(answer);
-            }
-            self.misses.fetch_add(1, Ordering::Relaxed);
+        if !request.memory_checked
+            && let Some(answer) = self.hit(request.key, request.fingerprint)
+        {
+            return StoreFuture::ready(Ok(answer.into()));
+        }
+        self.misses.fetch_add(1, Ordering::Relaxed);
+        StoreFuture::new(async move {
             // Measured before asking, so the cached copy cannot outlive the inner record.
             let asked_at = Instant::now();
             let answer = self.inner.acquire(request).await?;
-            match &answer {
-                Acquired::Completed { result, ttl_left } => self.remember(
-                    *request.key,
-                    *request.fingerprint,
-                    Arc::clone(result),
-                    asked_at,
-                    *ttl_left,
-                ),
-                Acquired::Execute { .. } | Acquired::Mismatch | Acquired::InFlight { .. } => {}
+            if let Acquired::Completed { result, ttl_left } = &answer {
+                let (key, fingerprint) = (*request.key, *request.fingerprint);
+                self.remember(key, fingerprint, Arc::clone(result), asked_at, *ttl_left);
             }
             Ok(answer)
         })
     }
 
-    fn renew<'a>(
-        &'a self,
-        key: &'a RecordKey,
-        owner: OwnerToken,
-        lease: Duration,
-    ) -> StoreFuture<'a, bool> {
-        self.inner.renew(key, owner, lease)
+    fn renew<'a>(&'a self, request: RenewRequest<'a>) -> StoreFuture<'a, bool> {
+        self.inner.renew(request)
     }
 
     fn complete<'a>(&'a self, request: CompleteRequest<'a>) -> StoreFuture<'a, bool> {
         if !self.cache_own_results {
             return self.inner.complete(request);
         }
-        Box::pin(async move {
+        StoreFuture::new(async move {
             let asked_at = Instant::now();
             let completed = self.inner.complete(request).await?;
             if completed {
-                self.remember(
-                    *request.key,
-                    *request.fingerprint,
-                    Arc::clone(request.result),
-                    asked_at,
-                    request.ttl,
-                );
+                let (key, fingerprint) = (*request.key, *request.fingerprint);
+                let result = Arc::clone(request.result);
+                self.remember(key, fingerprint, result, asked_at, request.ttl);
             }
             Ok(completed)
         })
     }
 
-    fn cached(&self, key: &RecordKey, fingerprint: &Fingerprint) -> Option<Acquired> {
-        self.hit(key, fingerprint)
+    fn release<'a>(&'a self, request: ReleaseRequest<'a>) -> StoreFuture<'a, ()> {
+        self.inner.release(request)
     }
 
-    fn release<'a>(&'a self, key: &'a RecordKey, owner: OwnerToken) -> StoreFuture<'a, ()> {
-        self.inner.release(key, owner)
+    fn cached(&self, key: &RecordKey, fingerprint: &Fingerprint) -> Option<Cached> {
+        self.hit(key, fingerprint)
     }
 }
 
@@ -430,8 +291,7 @@ impl<S: fmt::Debug> fmt::Debug for TieredStore<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("TieredStore")
             .field("inner", &self.inner)
-            .field("entries", &self.completed.entry_count())
-            .field("weighted_size", &self.completed.weighted_size())
+            .field("completed", &self.completed)
             .field("max_entry_ttl", &self.max_entry_ttl)
             .field("cache_own_results", &self.cache_own_results)
             .finish_non_exhaustive()
@@ -442,7 +302,8 @@ impl<S: fmt::Debug> fmt::Debug for TieredStore<S> {
 mod tests {
     use super::*;
     use crate::store::MemoryStore;
-    use crate::store::RECORD_OVERHEAD;
+    use crate::store::OwnerToken;
+    use crate::store::cache::RECORD_OVERHEAD;
     use crate::store::testing::{complete, key, print};
 
     async fn acquire(
@@ -451,16 +312,8 @@ mod tests {
         owner: OwnerToken,
         fingerprint: &Fingerprint,
     ) -> Acquired {
-        store
-            .acquire(AcquireRequest {
-                key,
-                owner,
-                fingerprint,
-                lease: Duration::from_secs(30),
-                retention: Duration::from_mins(1),
-            })
+        crate::store::testing::acquire(store, key, owner, fingerprint, Duration::from_secs(30))
             .await
-            .unwrap()
     }
 
     #[tokio::test]
@@ -538,11 +391,11 @@ mod tests {
         let hits = store.stats().hits;
         assert!(matches!(
             store.cached(&k, &fp),
-            Some(Acquired::Completed { ttl_left, .. }) if ttl_left <= Duration::from_mins(1)
+            Some(Cached::Completed { ttl_left, .. }) if ttl_left <= Duration::from_mins(1)
         ));
         assert!(matches!(
             store.cached(&k, &print("b")),
-            Some(Acquired::Mismatch)
+            Some(Cached::Mismatch)
         ));
         assert_eq!(store.stats().hits, hits + 2);
         store.clear_cache();
@@ -636,7 +489,7 @@ mod tests {
         assert_eq!(store.stats().entries, 1);
         assert!(matches!(
             store.cached(&k, &fp),
-            Some(Acquired::Completed { .. })
+            Some(Cached::Completed { .. })
         ));
         store.clear_cache();
         assert!(store.cached(&k, &fp).is_none());
@@ -679,7 +532,7 @@ mod tests {
         let (k, fp) = (key("k"), print("a"));
         let owner = OwnerToken::generate();
         acquire(&store, &k, owner, &fp).await;
-        store.release(&k, owner).await.unwrap();
+        store.release(ReleaseRequest::new(&k, owner)).await.unwrap();
         let result = Arc::new(RecordedResult::TooLarge);
         assert!(!complete(&store, &k, owner, &fp, &result, Duration::from_mins(1)).await);
         assert_eq!(store.stats().entries, 0);

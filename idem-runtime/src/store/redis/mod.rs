@@ -22,26 +22,25 @@
 //!
 //! The user documentation (layout, settings, failover) is on [`RedisStore`].
 
+mod scripts;
+
 use std::fmt;
 use std::future::Future;
-use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use ::redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
-use ::redis::{Client, IntoConnectionInfo, RedisError, Script, ScriptInvocation, Value};
+use ::redis::{Client, IntoConnectionInfo, RedisError, ScriptInvocation, Value};
 
+use self::scripts::{SCRIPTS, parse_acquired, parse_flag};
 use super::{
-    AcquireRequest, Acquired, CompleteRequest, OwnerToken, Store, StoreError, StoreFuture,
+    AcquireRequest, Acquired, CompleteRequest, ReleaseRequest, RenewRequest, Store, StoreError,
+    StoreFuture,
 };
 use crate::fingerprint::RecordKey;
-use crate::record::{DecodeError, RecordedResult};
 
 /// The prefix of every record's key name. The version changes when the record layout does (v1
 /// was a hash per record).
 const KEY_PREFIX: &str = "idem:v2:";
-
-/// The length of a record's fixed header; a completed record's encoded result follows it.
-const HEADER_LEN: usize = 81;
 
 /// Durations sent to Redis are capped at about 31 years, so that deadlines computed in the scripts
 /// stay exact integers.
@@ -71,8 +70,8 @@ const MAX_MILLIS: u64 = 1_000_000_000_000;
 /// One string value per record, named `idem:v2:{<64 hex digits>}`: the hex digits are the
 /// [`RecordKey`] (SHA-256 of the scope and the client's key), so no client byte ever reaches a key
 /// name, and the braces make them the Redis Cluster hash tag, so records spread over every slot.
-/// The value is a fixed 81-byte header, then, for a completed record, the
-/// [encoded](RecordedResult::encode) response:
+/// The value is a fixed 81-byte header (`scripts::layout`), then, for a completed record, the
+/// [encoded](crate::record::RecordedResult::encode) response:
 ///
 /// | bytes | field |
 /// |---|---|
@@ -372,190 +371,50 @@ where
     C: ConnectionLike + Clone + Send + Sync + 'static,
 {
     fn acquire<'a>(&'a self, request: AcquireRequest<'a>) -> StoreFuture<'a, Acquired> {
-        Box::pin(async move {
+        StoreFuture::new(async move {
             let in_flight_ttl = request.retention.max(request.lease);
             let mut invocation = SCRIPTS.acquire.key(key_name(request.key));
             invocation
                 .arg(&request.fingerprint.0[..])
-                .arg(&owner_arg(request.owner)[..])
+                .arg(&request.owner.to_bytes()[..])
                 .arg(millis(request.lease))
                 .arg(millis(in_flight_ttl));
             parse_acquired(self.invoke(&invocation).await?)
         })
     }
 
-    fn renew<'a>(
-        &'a self,
-        key: &'a RecordKey,
-        owner: OwnerToken,
-        lease: Duration,
-    ) -> StoreFuture<'a, bool> {
-        Box::pin(async move {
-            let mut invocation = SCRIPTS.renew.key(key_name(key));
-            invocation.arg(&owner_arg(owner)[..]).arg(millis(lease));
+    fn renew<'a>(&'a self, request: RenewRequest<'a>) -> StoreFuture<'a, bool> {
+        StoreFuture::new(async move {
+            let mut invocation = SCRIPTS.renew.key(key_name(request.key));
+            invocation
+                .arg(&request.owner.to_bytes()[..])
+                .arg(millis(request.lease));
             parse_flag(&self.invoke(&invocation).await?)
         })
     }
 
     fn complete<'a>(&'a self, request: CompleteRequest<'a>) -> StoreFuture<'a, bool> {
-        Box::pin(async move {
+        StoreFuture::new(async move {
             let mut invocation = SCRIPTS.complete.key(key_name(request.key));
             invocation
-                .arg(&owner_arg(request.owner)[..])
+                .arg(&request.owner.to_bytes()[..])
                 .arg(request.result.encode().as_ref())
                 .arg(millis(request.ttl));
             parse_flag(&self.invoke(&invocation).await?)
         })
     }
 
-    fn release<'a>(&'a self, key: &'a RecordKey, owner: OwnerToken) -> StoreFuture<'a, ()> {
-        Box::pin(async move {
-            let mut invocation = SCRIPTS.release.key(key_name(key));
-            invocation.arg(&owner_arg(owner)[..]);
+    fn release<'a>(&'a self, request: ReleaseRequest<'a>) -> StoreFuture<'a, ()> {
+        StoreFuture::new(async move {
+            let mut invocation = SCRIPTS.release.key(key_name(request.key));
+            invocation.arg(&request.owner.to_bytes()[..]);
             parse_flag(&self.invoke(&invocation).await?).map(drop)
         })
     }
 }
 
-/// The four transitions. Every script is atomic (Redis runs one script at a time), reads the
-/// clock with `TIME` (the server's clock, the same for every instance) when it compares or sets a
-/// lease, and is safe to run twice with the same owner. Keys: `KEYS[1]`, the record; the layout of
-/// its value is in [`RedisStore`]'s docs. Numbers are milliseconds.
-struct Scripts {
-    acquire: Script,
-    renew: Script,
-    complete: Script,
-    release: Script,
-}
-
-impl Scripts {
-    fn all(&self) -> [&Script; 4] {
-        [&self.acquire, &self.renew, &self.complete, &self.release]
-    }
-}
-
-static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
-    acquire: Script::new(ACQUIRE),
-    renew: Script::new(RENEW),
-    complete: Script::new(COMPLETE),
-    release: Script::new(RELEASE),
-});
-
-/// Lua setting `now` to the Redis server's clock in milliseconds.
-macro_rules! server_clock {
-    () => {
-        "local clock = redis.call('TIME')\n\
-         local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)\n"
-    };
-}
-
-/// Lua reading the record into `record` (`false` when absent), returning `$invalid` when the key
-/// holds another type or a value too short to be a record.
-macro_rules! read_record {
-    ($invalid:literal) => {
-        concat!(
-            "local record = redis.pcall('GET', KEYS[1])\n",
-            "if type(record) == 'table' or (record and #record < 81) then return ",
-            $invalid,
-            " end\n"
-        )
-    };
-}
-
-/// Lua writing `value` with the record's remaining time to live, raised to at least the lease
-/// (ARGV index `$lease`) so that a lease never outlives its record.
-macro_rules! set_keeping_ttl {
-    ($lease:literal) => {
-        concat!(
-            "local ttl = redis.call('PTTL', KEYS[1])\n",
-            "if ttl >= 0 and ttl < tonumber(ARGV[",
-            $lease,
-            "]) then\n",
-            "  redis.call('SET', KEYS[1], value, 'PX', ARGV[",
-            $lease,
-            "])\n",
-            "else\n",
-            "  redis.call('SET', KEYS[1], value, 'KEEPTTL')\n",
-            "end\n"
-        )
-    };
-}
-
-/// ARGV: fingerprint, owner, lease, in-flight ttl (>= lease).
-/// Reply: `{1, epoch}` execute, `{2, record, pttl}` completed, `{3}` mismatch,
-/// `{4, lease_left}` in flight, `{0, reason}` not a valid record.
-const ACQUIRE: &str = concat!(
-    read_record!("{0, 'not a record'}"),
-    "local fingerprint, owner, lease = ARGV[1], ARGV[2], tonumber(ARGV[3])\n",
-    "if not record then\n",
-    server_clock!(),
-    r"  local value = 'i' .. fingerprint .. owner .. string.format('%016d%016d', 1, now + lease)
-  redis.call('SET', KEYS[1], value, 'PX', ARGV[4])
-  return {1, 1}
-end
-if string.sub(record, 2, 33) ~= fingerprint then return {3} end
-local state = string.sub(record, 1, 1)
-if state == 'c' then return {2, record, redis.call('PTTL', KEYS[1])} end
-if state ~= 'i' and state ~= 'r' then return {0, 'unknown state'} end
-local epoch = tonumber(string.sub(record, 50, 65))
-local lease_until = tonumber(string.sub(record, 66, 81))
-if not epoch or not lease_until or epoch < 1 then return {0, 'malformed in-flight record'} end
-if state == 'i' and string.sub(record, 34, 49) == owner then return {1, epoch} end
-",
-    server_clock!(),
-    r"if state == 'i' and lease_until > now then return {4, lease_until - now} end
-epoch = epoch + 1
-local value = 'i' .. fingerprint .. owner .. string.format('%016d%016d', epoch, now + lease)
-",
-    set_keeping_ttl!("3"),
-    "return {1, epoch}\n"
-);
-
-/// ARGV: owner, lease. Reply: 1 renewed, 0 not the owner.
-const RENEW: &str = concat!(
-    read_record!("0"),
-    r"if not record or string.sub(record, 1, 1) ~= 'i' or string.sub(record, 34, 49) ~= ARGV[1] then
-  return 0
-end
-",
-    server_clock!(),
-    "local value = string.sub(record, 1, 65) .. string.format('%016d', now + tonumber(ARGV[2]))\n",
-    set_keeping_ttl!("2"),
-    "return 1\n"
-);
-
-/// ARGV: owner, encoded result, ttl. Reply: 1 recorded (now or by an earlier run of the same
-/// call), 0 not the owner. The owner stays in the record so that a repeated call converges.
-const COMPLETE: &str = concat!(
-    read_record!("0"),
-    r"if not record or string.sub(record, 34, 49) ~= ARGV[1] then return 0 end
-local state = string.sub(record, 1, 1)
-if state == 'c' then return 1 end
-if state ~= 'i' then return 0 end
-local value = 'c' .. string.sub(record, 2, 65) .. '0000000000000000' .. ARGV[2]
-redis.call('SET', KEYS[1], value, 'PX', ARGV[3])
-return 1
-"
-);
-
-/// ARGV: owner. Ends the lease now (state `r`); the record and its epoch stay, so the next
-/// acquire takes over with the next epoch. Reply: 1 released, 0 not the owner.
-const RELEASE: &str = concat!(
-    read_record!("0"),
-    r"if not record or string.sub(record, 1, 1) ~= 'i' or string.sub(record, 34, 49) ~= ARGV[1] then
-  return 0
-end
-redis.call('SET', KEYS[1], 'r' .. string.sub(record, 2), 'KEEPTTL')
-return 1
-"
-);
-
 fn key_name(key: &RecordKey) -> String {
     format!("{KEY_PREFIX}{{{}}}", key.to_hex())
-}
-
-fn owner_arg(owner: OwnerToken) -> [u8; 16] {
-    owner.0.to_be_bytes()
 }
 
 /// Whole milliseconds, at least 1 (Redis deletes a key given a zero expiry) and at most
@@ -564,55 +423,6 @@ fn millis(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis())
         .unwrap_or(u64::MAX)
         .clamp(1, MAX_MILLIS)
-}
-
-fn duration_ms(ms: i64) -> Duration {
-    // A negative PTTL means the key has no expiry (an operator persisted it): report none left, so
-    // no cache keeps it.
-    Duration::from_millis(u64::try_from(ms).unwrap_or(0))
-}
-
-fn corrupt(reason: &'static str) -> StoreError {
-    StoreError::Corrupt(DecodeError::new(reason))
-}
-
-fn parse_acquired(reply: Value) -> Result<Acquired, StoreError> {
-    let Value::Array(items) = reply else {
-        return Err(corrupt("unexpected script reply"));
-    };
-    match items.as_slice() {
-        [Value::Int(1), Value::Int(epoch)] => match u64::try_from(*epoch) {
-            Ok(epoch) if epoch >= 1 => Ok(Acquired::Execute { epoch }),
-            _ => Err(corrupt("invalid epoch")),
-        },
-        [Value::Int(2), Value::BulkString(record), Value::Int(ttl)] => {
-            let result = record
-                .get(HEADER_LEN..)
-                .ok_or_else(|| corrupt("completed record without a result"))?;
-            Ok(Acquired::Completed {
-                result: Arc::new(RecordedResult::decode(result)?),
-                ttl_left: duration_ms(*ttl),
-            })
-        }
-        [Value::Int(3)] => Ok(Acquired::Mismatch),
-        [Value::Int(4), Value::Int(left)] => Ok(Acquired::InFlight {
-            lease_left: duration_ms(*left),
-        }),
-        [Value::Int(0), Value::BulkString(reason)] => Err(corrupt(match reason.as_slice() {
-            b"not a record" => "the record key holds another type or a truncated value",
-            b"unknown state" => "record in an unknown state",
-            _ => "malformed in-flight record",
-        })),
-        _ => Err(corrupt("unexpected script reply")),
-    }
-}
-
-fn parse_flag(reply: &Value) -> Result<bool, StoreError> {
-    match reply {
-        Value::Int(1) => Ok(true),
-        Value::Int(0) => Ok(false),
-        _ => Err(corrupt("unexpected script reply")),
-    }
 }
 
 /// Runs a Redis call within `budget`, mapping its errors.
@@ -649,54 +459,9 @@ mod tests {
 
     #[test]
     fn arguments() {
-        let mut one = [0; 16];
-        one[15] = 1;
-        assert_eq!(owner_arg(OwnerToken(1)), one);
         assert_eq!(millis(Duration::ZERO), 1);
         assert_eq!(millis(Duration::from_micros(1500)), 1);
         assert_eq!(millis(Duration::from_secs(2)), 2000);
         assert_eq!(millis(Duration::MAX), MAX_MILLIS);
-    }
-
-    #[test]
-    fn replies_are_parsed_defensively() {
-        let bulk = |b: &[u8]| Value::BulkString(b.to_vec());
-        assert!(matches!(
-            parse_acquired(Value::Array(vec![Value::Int(1), Value::Int(3)])),
-            Ok(Acquired::Execute { epoch: 3 })
-        ));
-        let stored = RecordedResult::TooLarge;
-        let record = [&[b'c'; HEADER_LEN][..], &stored.encode()].concat();
-        let completed = Value::Array(vec![Value::Int(2), bulk(&record), Value::Int(-1)]);
-        match parse_acquired(completed) {
-            Ok(Acquired::Completed { result, ttl_left }) => {
-                assert_eq!(*result, stored);
-                assert_eq!(ttl_left, Duration::ZERO);
-            }
-            other => panic!("{other:?}"),
-        }
-        for reply in [
-            Value::Nil,
-            Value::Int(1),
-            Value::Array(vec![]),
-            Value::Array(vec![Value::Int(1), Value::Int(0)]),
-            Value::Array(vec![Value::Int(1), Value::Int(-4)]),
-            Value::Array(vec![Value::Int(2), bulk(b"garbage"), Value::Int(10)]),
-            Value::Array(vec![
-                Value::Int(2),
-                bulk(&[b'c'; HEADER_LEN + 3]),
-                Value::Int(10),
-            ]),
-            Value::Array(vec![Value::Int(0), bulk(b"not a record")]),
-            Value::Array(vec![Value::Int(9)]),
-        ] {
-            assert!(
-                matches!(parse_acquired(reply.clone()), Err(StoreError::Corrupt(_))),
-                "{reply:?}"
-            );
-        }
-        assert!(parse_flag(&Value::Int(1)).unwrap());
-        assert!(!parse_flag(&Value::Int(0)).unwrap());
-        assert!(parse_flag(&Value::Nil).is_err());
     }
 }

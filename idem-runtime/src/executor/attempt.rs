@@ -1,0 +1,100 @@
+//! One execution of a handler that owns its record: run it to the end, whatever happens to the
+//! request, then record or release its response.
+
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use axum::response::Response;
+use futures_util::FutureExt as _;
+use tracing::Instrument as _;
+
+use super::Running;
+use super::lease::Lease;
+use super::respond::{self, Captured};
+
+/// The handler and the lease of the record it owns.
+pub(super) struct Attempt {
+    lease: Lease,
+    handler: Running,
+}
+
+impl Attempt {
+    pub(super) fn new(lease: Lease, handler: Running) -> Self {
+        Self { lease, handler }
+    }
+
+    /// Runs the attempt in the request's own task; if the request is dropped first (the client
+    /// went away, or the server timed it out), what is left moves to a task of its own, so that the
+    /// handler still runs to the end and its result is recorded. Running it in place spares every
+    /// first execution a spawned task and the wake-ups between the two tasks.
+    pub(super) fn run_to_completion(self) -> impl Future<Output = Response> + Send {
+        let runtime = self.lease.runtime.clone();
+        let attempt = runtime.track(self.run().in_current_span());
+        RunToCompletion(Some(Box::pin(attempt)))
+    }
+
+    /// Runs the handler (renewing the lease while it runs), then records or releases the result.
+    async fn run(self) -> Response {
+        let Self { lease, handler } = self;
+        let handler = AssertUnwindSafe(handler).catch_unwind();
+        let outcome = lease.hold_while(handler).await;
+        let Ok(response) = outcome else {
+            tracing::error!("the idempotent handler panicked; its key is released");
+            lease.release().await;
+            return respond::handler_panicked(&lease.runtime);
+        };
+        if !lease.route.store.records(response.status()) {
+            tracing::debug!(
+                status = response.status().as_u16(),
+                "response not recorded; key released"
+            );
+            lease.release().await;
+            return response;
+        }
+        match respond::capture(&lease.runtime, lease.route, response).await {
+            Captured::Recordable(result, response) => {
+                lease.complete(result).await;
+                response
+            }
+            Captured::Failed(response) => {
+                tracing::warn!("the response body failed while being recorded; key released");
+                lease.release().await;
+                response
+            }
+        }
+    }
+}
+
+/// An attempt polled in place that, dropped before it finished, finishes in a task of its own.
+struct RunToCompletion<F: Future<Output = Response> + Send + 'static>(Option<Pin<Box<F>>>);
+
+impl<F: Future<Output = Response> + Send + 'static> Future for RunToCompletion<F> {
+    type Output = Response;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Response> {
+        let attempt = self
+            .0
+            .as_mut()
+            .expect("`RunToCompletion` polled after completion");
+        let response = std::task::ready!(attempt.as_mut().poll(cx));
+        self.0 = None;
+        Poll::Ready(response)
+    }
+}
+
+impl<F: Future<Output = Response> + Send + 'static> Drop for RunToCompletion<F> {
+    fn drop(&mut self) {
+        let Some(attempt) = self.0.take() else {
+            return;
+        };
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            drop(handle.spawn(attempt));
+        } else {
+            // Dropped outside any runtime: there is nowhere to finish it. Its record stays in
+            // flight until the lease runs out, as after a crash.
+            tracing::warn!("an idempotent request was dropped outside a tokio runtime mid-handler");
+        }
+    }
+}
