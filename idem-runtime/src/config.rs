@@ -18,6 +18,7 @@
 use std::fmt;
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use axum::response::Response;
@@ -25,6 +26,7 @@ use http::HeaderName;
 use tokio_util::task::TaskTracker;
 use tokio_util::task::task_tracker::TrackedFuture;
 
+use crate::outage::OutageLog;
 use crate::problem::{self, JsonProblems, Problem, RenderProblem};
 use crate::record::DEFAULT_REPLAYED_HEADERS;
 use crate::store::{MemoryStore, Store};
@@ -49,6 +51,10 @@ struct Runtime {
     problems: Box<dyn RenderProblem>,
     tasks: TaskTracker,
     fail_open: bool,
+    max_detached: usize,
+    /// Attempts running in a task of their own because their request was dropped.
+    detached: AtomicUsize,
+    outage: OutageLog,
 }
 
 impl Idempotency {
@@ -65,6 +71,12 @@ impl Idempotency {
     /// Handlers currently running (including ones whose client went away).
     pub fn running(&self) -> usize {
         self.inner.tasks.len()
+    }
+
+    /// Handlers currently running whose request was dropped (the client went away, or the server
+    /// timed the request out), bounded by [`IdempotencyBuilder::max_detached`].
+    pub fn detached(&self) -> usize {
+        self.inner.detached.load(Ordering::Acquire)
     }
 
     /// Waits until every running handler has finished and its result was recorded. Call it after
@@ -114,6 +126,23 @@ impl Idempotency {
         self.inner.tasks.track_future(future)
     }
 
+    /// Whether as many handlers run detached from their requests as the runtime allows: new
+    /// executions are then refused.
+    pub(crate) fn detached_at_bound(&self) -> bool {
+        self.detached() >= self.inner.max_detached
+    }
+
+    /// Counts an attempt that goes on in a task of its own until the guard is dropped.
+    pub(crate) fn detach(&self) -> Detached {
+        self.inner.detached.fetch_add(1, Ordering::AcqRel);
+        Detached(self.clone())
+    }
+
+    /// Where store failures are logged without a line per request.
+    pub(crate) fn outage(&self) -> &OutageLog {
+        &self.inner.outage
+    }
+
     /// Runs `future` in a task of its own that [`Idempotency::shutdown`] waits for.
     pub(crate) fn spawn<F>(&self, future: F)
     where
@@ -134,6 +163,15 @@ impl fmt::Debug for Idempotency {
     }
 }
 
+/// One attempt running detached from its request; see [`Idempotency::detach`].
+pub(crate) struct Detached(Idempotency);
+
+impl Drop for Detached {
+    fn drop(&mut self) {
+        self.0.inner.detached.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// Builds an [`Idempotency`] runtime. Every setter states its default.
 #[must_use]
 pub struct IdempotencyBuilder {
@@ -145,6 +183,7 @@ pub struct IdempotencyBuilder {
     problems: Option<Box<dyn RenderProblem>>,
     problem_base: Option<String>,
     fail_open: bool,
+    max_detached: usize,
 }
 
 impl Default for IdempotencyBuilder {
@@ -158,6 +197,7 @@ impl Default for IdempotencyBuilder {
             problems: None,
             problem_base: None,
             fail_open: false,
+            max_detached: Self::DEFAULT_MAX_DETACHED,
         }
     }
 }
@@ -169,6 +209,8 @@ impl IdempotencyBuilder {
     pub const DEFAULT_MAX_RUN_TIME: Duration = Duration::from_mins(5);
     /// Default largest recorded response body: 1 MiB.
     pub const DEFAULT_MAX_RESPONSE_BYTES: usize = 1 << 20;
+    /// Default bound on handlers running detached from their requests: 1024.
+    pub const DEFAULT_MAX_DETACHED: usize = 1024;
 
     /// The record store. Default: a [`MemoryStore`] of [`MemoryStore::DEFAULT_CAPACITY_BYTES`]
     /// (single instance only).
@@ -239,6 +281,20 @@ impl IdempotencyBuilder {
         self
     }
 
+    /// The most handlers that may run detached from their requests at once.
+    ///
+    /// A handler whose client goes away (or whose request the server times out) is not cancelled:
+    /// it runs to the end in a task of its own and records its result, so the client's retry gets
+    /// it. Clients that send a request and close at once could otherwise start handlers without
+    /// bound. While this many run detached, requests that would start a new handler are refused
+    /// with `503 too-many-detached-handlers` and `Retry-After: 1` before the store is asked (no
+    /// record is written); replays answered from process memory are still served, and no handler
+    /// already running is ever cancelled, so no result being produced is lost. Default: 1024.
+    pub fn max_detached(mut self, max: usize) -> Self {
+        self.max_detached = max;
+        self
+    }
+
     /// Builds the runtime.
     pub fn build(self) -> Idempotency {
         let problems = self.problems.unwrap_or_else(|| {
@@ -259,6 +315,9 @@ impl IdempotencyBuilder {
                 problems,
                 tasks: TaskTracker::new(),
                 fail_open: self.fail_open,
+                max_detached: self.max_detached,
+                detached: AtomicUsize::new(0),
+                outage: OutageLog::default(),
             }),
         }
     }

@@ -2,8 +2,9 @@
 //! [`IdempotencyContext`], through which a handler sees its own key and epoch.
 //!
 //! [`Idempotent<T>`] runs wherever `T` would: it reads the `Idempotency-Key` header, buffers the body
-//! once (honouring axum's [`DefaultBodyLimit`](axum::extract::DefaultBodyLimit), so an oversized
-//! body is still a `413`) and fingerprints the request. `T` itself runs later:
+//! once (honouring axum's [`DefaultBodyLimit`](axum::extract::DefaultBodyLimit): an oversized body
+//! is a `413 payload-too-large` problem, a body that fails mid-read a `400 request-body-unreadable`
+//! one) and fingerprints the request. `T` itself runs later:
 //! [`execute`](crate::execute) skips it for a replay answered from process memory (the body is not
 //! parsed again), and otherwise extracts it from the same bytes (no copy) before the store is
 //! asked, so `T`'s rejection is returned unchanged before any record exists and a corrected retry
@@ -31,8 +32,8 @@ use axum::RequestExt;
 use axum::body::{Body, Bytes};
 use axum::extract::{FromRequest, FromRequestParts, MatchedPath, OriginalUri, Request};
 use axum::response::{IntoResponse, Response};
+use http::Method;
 use http::request::Parts;
-use http::{Method, StatusCode};
 use http_body_util::BodyExt;
 
 use crate::config::Idempotency;
@@ -164,11 +165,11 @@ where
             .upper()
             .is_some_and(|limit| declared > limit)
         {
-            return Err(payload_too_large());
+            return Err(runtime.problem_response(&Problem::of(ProblemKind::PayloadTooLarge)));
         }
         let bytes = match body.collect().await {
             Ok(collected) => collected.to_bytes(),
-            Err(error) => return Err(body_error(&error)),
+            Err(error) => return Err(runtime.problem_response(&body_error(&error))),
         };
         let context = parts.extensions.remove::<Arc<ContextState>>();
         let fingerprint = fingerprint(&parts, &bytes);
@@ -243,25 +244,17 @@ fn fingerprint(parts: &Parts, body: &[u8]) -> Fingerprint {
     )
 }
 
-/// The same answers axum's own `Bytes` extractor gives: 413 past the body limit, else 400.
-fn body_error(error: &axum::Error) -> Response {
+/// Why the body could not be buffered, as a problem: `413` past the body limit, else `400` (the
+/// statuses axum's own `Bytes` extractor gives).
+fn body_error(error: &axum::Error) -> Problem {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
     while let Some(current) = source {
         if current.is::<http_body_util::LengthLimitError>() {
-            return payload_too_large();
+            return Problem::of(ProblemKind::PayloadTooLarge);
         }
         source = current.source();
     }
-    (StatusCode::BAD_REQUEST, "Failed to buffer the request body").into_response()
-}
-
-/// axum's own answer to a body over its limit.
-fn payload_too_large() -> Response {
-    (
-        StatusCode::PAYLOAD_TOO_LARGE,
-        "Failed to buffer the request body: length limit exceeded",
-    )
-        .into_response()
+    Problem::of(ProblemKind::BodyUnreadable)
 }
 
 fn not_configured(request: &Request) -> Response {

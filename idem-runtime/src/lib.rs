@@ -47,6 +47,7 @@ pub mod extract;
 pub mod fingerprint;
 pub mod key;
 pub mod layer;
+mod outage;
 pub mod problem;
 pub mod record;
 pub mod store;

@@ -53,6 +53,14 @@ pub enum ProblemKind {
     HandlerPanicked,
     /// 500: the route uses `#[idempotent]` but the router does not carry the idem runtime.
     NotConfigured,
+    /// 413: the request body is larger than the route's body limit (axum's
+    /// [`DefaultBodyLimit`](axum::extract::DefaultBodyLimit)), so it cannot be fingerprinted.
+    PayloadTooLarge,
+    /// 400: the request body could not be read (the client sent a malformed or truncated body).
+    BodyUnreadable,
+    /// 503: too many handlers are still running for clients that went away; the handler did not
+    /// run (see [`IdempotencyBuilder::max_detached`](crate::IdempotencyBuilder::max_detached)).
+    TooManyDetached,
 }
 
 impl ProblemKind {
@@ -67,17 +75,21 @@ impl ProblemKind {
             Self::StoreUnavailable => "store-unavailable",
             Self::HandlerPanicked => "handler-panicked",
             Self::NotConfigured => "idempotency-not-configured",
+            Self::PayloadTooLarge => "payload-too-large",
+            Self::BodyUnreadable => "request-body-unreadable",
+            Self::TooManyDetached => "too-many-detached-handlers",
         }
     }
 
     /// The HTTP status (also the document's `status` member).
     pub const fn status(self) -> StatusCode {
         match self {
-            Self::KeyMissing | Self::KeyInvalid => StatusCode::BAD_REQUEST,
+            Self::KeyMissing | Self::KeyInvalid | Self::BodyUnreadable => StatusCode::BAD_REQUEST,
             Self::KeyReused => StatusCode::UNPROCESSABLE_ENTITY,
             Self::RequestInProgress | Self::ResultUnavailable => StatusCode::CONFLICT,
-            Self::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Self::StoreUnavailable | Self::TooManyDetached => StatusCode::SERVICE_UNAVAILABLE,
             Self::HandlerPanicked | Self::NotConfigured => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
         }
     }
 
@@ -92,6 +104,9 @@ impl ProblemKind {
             Self::StoreUnavailable => "Idempotency store unavailable",
             Self::HandlerPanicked => "Internal server error",
             Self::NotConfigured => "Idempotency is not configured",
+            Self::PayloadTooLarge => "Request body too large",
+            Self::BodyUnreadable => "Request body unreadable",
+            Self::TooManyDetached => "Too many requests still running",
         }
     }
 }
@@ -118,6 +133,15 @@ impl ProblemKind {
             Self::HandlerPanicked => "the request failed unexpectedly; it may be retried",
             Self::NotConfigured => {
                 "the server is missing its idempotency configuration; the request was not processed"
+            }
+            Self::PayloadTooLarge => {
+                "the request body is larger than this route accepts; the request was not processed"
+            }
+            Self::BodyUnreadable => {
+                "the request body could not be read to its end; the request was not processed"
+            }
+            Self::TooManyDetached => {
+                "the server is finishing too many requests whose clients went away; the request was not processed, retry later"
             }
         }
     }

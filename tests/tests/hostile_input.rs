@@ -38,6 +38,8 @@ enum Expect {
     HyperRejects(u16),
     /// axum or the example refuses the request with this status before the handler body runs.
     Rejected(u16),
+    /// idem's `400 request-body-unreadable` problem: the body failed while idem buffered it.
+    BodyUnreadable,
     /// An ordinary key: `201`, a new payment, not a replay of anything else.
     Created,
     /// Another spelling of the baseline key `k1`: its replay, nothing new runs.
@@ -236,7 +238,9 @@ fn character_rows() -> Vec<Row> {
         Row {
             lines: vec![key_line(b"smuggle"), b"transfer-encoding: chunked".to_vec()],
             retry_key: Some("smuggle".into()),
-            ..row("Content-Length and chunked", b"", Expect::HyperRejects(400))
+            // hyper reads the body as chunked (ignoring Content-Length, as RFC 9112 asks); the
+            // bytes are not valid chunked encoding, so the body fails while idem buffers it.
+            ..row("Content-Length and chunked", b"", Expect::BodyUnreadable)
         },
         row("list a, b", b"a, b", Expect::KeyInvalid),
         row("quoted list", b"\"a\", \"b\"", Expect::KeyInvalid),
@@ -289,6 +293,9 @@ async fn hostile_requests() {
             Expect::KeyInvalid => {
                 assert_eq!(reply.status, 400, "{what}: {reply:?}");
                 reply.assert_problem(400, "idempotency-key-invalid");
+            }
+            Expect::BodyUnreadable => {
+                reply.assert_problem(400, "request-body-unreadable");
             }
             Expect::HyperRejects(status) => {
                 assert_eq!(reply.status, status, "{what}: {reply:?}");

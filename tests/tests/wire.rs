@@ -472,6 +472,55 @@ async fn a_rejected_request_leaves_the_key_free() {
     assert_eq!(fx.ledger.runs(), 1);
 }
 
+/// What idem answers itself when it cannot buffer the body to fingerprint it is a problem document
+/// like its other errors: `413 payload-too-large` past the route's body limit (declared or found
+/// while reading), `400 request-body-unreadable` when the body fails mid-read. Neither runs the
+/// handler or records anything.
+#[tokio::test]
+async fn a_body_idem_cannot_buffer_is_a_problem_document() {
+    let fx = Fixture::new(
+        Router::new()
+            .route("/orders", post(order))
+            .layer(DefaultBodyLimit::max(64)),
+    );
+    let declared = order_request("k", Some("ann"), &" ".repeat(100));
+    let chunked = {
+        let chunks = ["{\"amount\":5", &" ".repeat(100), "}"]
+            .map(|chunk| Ok::<_, std::io::Error>(bytes::Bytes::from(chunk.to_owned())));
+        let mut request = order_request("k", Some("ann"), "");
+        *request.body_mut() = axum::body::Body::from_stream(futures_util::stream::iter(chunks));
+        request
+    };
+    let broken = {
+        let chunks = [
+            Ok(bytes::Bytes::from_static(b"{\"amount\"")),
+            Err(std::io::Error::other("the client went away")),
+        ];
+        let mut request = order_request("k", Some("ann"), "");
+        *request.body_mut() = axum::body::Body::from_stream(futures_util::stream::iter(chunks));
+        request
+    };
+    for (what, request, status, slug) in [
+        (
+            "declared length over the limit",
+            declared,
+            413,
+            "payload-too-large",
+        ),
+        ("streamed past the limit", chunked, 413, "payload-too-large"),
+        ("failed mid-read", broken, 400, "request-body-unreadable"),
+    ] {
+        let reply = fx.send(request).await;
+        let document = reply.assert_problem(status, slug);
+        assert!(
+            document["detail"].as_str().is_some_and(|d| !d.is_empty()),
+            "{what}"
+        );
+        assert_eq!(fx.ledger.runs(), 0, "{what} must not run the handler");
+        assert_eq!(fx.records(), 0, "{what} must not create a record");
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Which responses are recorded
 // ---------------------------------------------------------------------------------------------

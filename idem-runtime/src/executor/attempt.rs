@@ -13,6 +13,7 @@ use tracing::Instrument as _;
 use super::Running;
 use super::lease::Lease;
 use super::respond::{self, Captured};
+use crate::config::Idempotency;
 
 /// The handler and the lease of the record it owns.
 pub(super) struct Attempt {
@@ -32,7 +33,10 @@ impl Attempt {
     pub(super) fn run_to_completion(self) -> impl Future<Output = Response> + Send {
         let runtime = self.lease.runtime.clone();
         let attempt = runtime.track(self.run().in_current_span());
-        RunToCompletion(Some(Box::pin(attempt)))
+        RunToCompletion {
+            attempt: Some(Box::pin(attempt)),
+            runtime,
+        }
     }
 
     /// Runs the handler (renewing the lease while it runs), then records or releases the result.
@@ -67,30 +71,39 @@ impl Attempt {
     }
 }
 
-/// An attempt polled in place that, dropped before it finished, finishes in a task of its own.
-struct RunToCompletion<F: Future<Output = Response> + Send + 'static>(Option<Pin<Box<F>>>);
+/// An attempt polled in place that, dropped before it finished, finishes in a task of its own,
+/// counted as detached ([`Idempotency::detached`]) until it ends.
+struct RunToCompletion<F: Future<Output = Response> + Send + 'static> {
+    attempt: Option<Pin<Box<F>>>,
+    runtime: Idempotency,
+}
 
 impl<F: Future<Output = Response> + Send + 'static> Future for RunToCompletion<F> {
     type Output = Response;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Response> {
         let attempt = self
-            .0
+            .attempt
             .as_mut()
             .expect("`RunToCompletion` polled after completion");
         let response = std::task::ready!(attempt.as_mut().poll(cx));
-        self.0 = None;
+        self.attempt = None;
         Poll::Ready(response)
     }
 }
 
 impl<F: Future<Output = Response> + Send + 'static> Drop for RunToCompletion<F> {
     fn drop(&mut self) {
-        let Some(attempt) = self.0.take() else {
+        let Some(attempt) = self.attempt.take() else {
             return;
         };
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
-            drop(handle.spawn(attempt));
+            let detached = self.runtime.detach();
+            drop(handle.spawn(async move {
+                let response = attempt.await;
+                drop(detached);
+                response
+            }));
         } else {
             // Dropped outside any runtime: there is nowhere to finish it. Its record stays in
             // flight until the lease runs out, as after a crash.

@@ -10,6 +10,7 @@ use super::{Running, outcome, respond};
 use crate::config::RouteConfig;
 use crate::extract::Keyed;
 use crate::fingerprint::RecordKey;
+use crate::outage::Failure;
 use crate::store::{AcquireRequest, Acquired, OwnerToken};
 
 /// The first pause of a request waiting for a duplicate in flight (`wait`); it doubles up to
@@ -27,6 +28,9 @@ pub(super) async fn run(
     handler: Running,
 ) -> Response {
     let runtime = keyed.runtime;
+    if runtime.detached_at_bound() {
+        return respond::too_many_detached(&runtime);
+    }
     let owner = OwnerToken::generate();
     let lease = runtime.lease_for(route);
     let wait_until = route.wait.map(|wait| Instant::now() + wait);
@@ -36,7 +40,11 @@ pub(super) async fn run(
             .after_memory_miss();
         // The lease runs from no earlier than the moment it was asked for.
         let asked_at = tokio::time::Instant::now();
-        match runtime.store().acquire(request).await {
+        let answer = runtime.store().acquire(request).await;
+        if answer.is_ok() {
+            runtime.outage().success();
+        }
+        match answer {
             Ok(Acquired::Execute { epoch }) => break (epoch, asked_at),
             Ok(Acquired::Completed { result, ttl_left }) => {
                 return respond::replay(&runtime, &result, ttl_left);
@@ -58,7 +66,7 @@ pub(super) async fn run(
                     return respond::store_unavailable(&runtime, &error);
                 }
                 outcome("unprotected");
-                tracing::warn!(%error, "idempotency store unavailable: running the handler unprotected (fail-open)");
+                runtime.outage().failure(Failure::Unprotected, &error);
                 return respond::unprotected(handler.await);
             }
         }

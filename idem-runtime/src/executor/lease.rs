@@ -34,14 +34,15 @@ pub(super) struct Lease {
 }
 
 impl Lease {
-    /// Runs `work` to the end, renewing the lease while it runs. A quick handler needs no
-    /// renewal; a slow one gets a heartbeat in a task of its own, stopped when `work` finishes.
+    /// Runs `work` to the end, renewing the lease while it runs. A handler done within a third of
+    /// the lease needs no renewal; a slower one gets a heartbeat in a task of its own from then on,
+    /// stopped when `work` finishes.
     pub(super) async fn hold_while<F: Future>(&self, work: F) -> F::Output {
         let mut work = std::pin::pin!(work);
         tokio::select! {
             biased;
             output = &mut work => output,
-            () = tokio::time::sleep(self.duration / 3) => {
+            () = tokio::time::sleep_until(self.leased_at + self.duration / 3) => {
                 let heartbeat = tokio::spawn(self.clone().heartbeat().in_current_span());
                 let output = work.await;
                 heartbeat.abort();
@@ -50,8 +51,10 @@ impl Lease {
         }
     }
 
-    /// Renews the lease every third of its length, until the runtime's `max_run_time` has passed
-    /// or the lease turns out to be lost. Aborted when the handler finishes.
+    /// Renews the lease at once (a third of the lease after it was taken), then every third of
+    /// its length, until the runtime's `max_run_time` has passed or the lease turns out to be
+    /// lost, so that a renewal that is slow or fails has two thirds of the lease to be retried
+    /// in. Aborted when the handler finishes.
     ///
     /// Once the lease can lapse (renewals stopped at `max_run_time`, or failed until the last
     /// renewed lease ran out) the handler's context reports it lost: another attempt may run.
@@ -59,7 +62,7 @@ impl Lease {
         let give_up_at = Instant::now() + self.runtime.max_run_time();
         let mut lease_until = self.leased_at + self.duration;
         let period = self.duration / 3;
-        let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        let mut ticks = tokio::time::interval_at(tokio::time::Instant::now(), period);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             ticks.tick().await;

@@ -12,6 +12,7 @@ use http_body_util::BodyExt as _;
 
 use super::outcome;
 use crate::config::{Idempotency, RouteConfig};
+use crate::outage::Failure;
 use crate::problem::{Problem, ProblemKind};
 use crate::record::{RecordedResult, StoredResponse};
 use crate::store::{Cached, StoreError};
@@ -79,8 +80,16 @@ pub(super) fn in_progress(runtime: &Idempotency, lease_left: Duration) -> Respon
 /// `503`: the store could not be asked, and the runtime fails closed.
 pub(super) fn store_unavailable(runtime: &Idempotency, error: &StoreError) -> Response {
     outcome("store_error");
-    tracing::warn!(%error, "idempotency store unavailable: request refused");
+    runtime.outage().failure(Failure::Refused, error);
     let problem = Problem::of(ProblemKind::StoreUnavailable).with_retry_after(STORE_RETRY_AFTER);
+    runtime.problem_response(&problem)
+}
+
+/// `503`: as many handlers run detached from their requests as the runtime allows.
+pub(super) fn too_many_detached(runtime: &Idempotency) -> Response {
+    outcome("overloaded");
+    tracing::debug!("refused: too many handlers run detached from their requests");
+    let problem = Problem::of(ProblemKind::TooManyDetached).with_retry_after(STORE_RETRY_AFTER);
     runtime.problem_response(&problem)
 }
 
