@@ -47,6 +47,8 @@
 //! ```
 
 mod memory;
+#[cfg(feature = "postgres")]
+mod postgres;
 #[cfg(feature = "redis")]
 mod redis;
 mod tiered;
@@ -57,6 +59,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+#[cfg(feature = "postgres")]
+pub use self::postgres::{PostgresConfig, PostgresStore};
 #[cfg(feature = "redis-cluster")]
 pub use self::redis::RedisClusterStore;
 #[cfg(feature = "redis")]
