@@ -104,10 +104,15 @@ use crate::record::DecodeError;
 /// bounded on the client side too, in case the server stops answering. Errors become
 /// [`StoreError`]s:
 ///
+/// While the database is down, sqlx's pool keeps retrying a refused connection until the acquire
+/// timeout, so each call then fails with [`StoreError::Timeout`] after that budget rather than
+/// at once: keep it short. The pool reconnects by itself once the database is back; the same
+/// store works again without being rebuilt.
+///
 /// | cause | error |
 /// |---|---|
-/// | no connection within the acquire timeout; the statement timeout (SQLSTATE `57014`); the lock timeout (`55P03`); an I/O timeout; the client-side budget | [`StoreError::Timeout`] |
-/// | connection refused or lost, server shutting down (`57P01`…`57P03`), connection errors (`08…`), out of resources (`53…`), serialization failure (`40001`) or deadlock (`40P01`: safe to retry), any other database error (such as a missing table: run [`PostgresStore::migrate`]) | [`StoreError::Unavailable`] |
+/// | no connection within the acquire timeout (also while the database is down); the statement timeout (SQLSTATE `57014`); the lock timeout (`55P03`); an I/O timeout; the client-side budget | [`StoreError::Timeout`] |
+/// | a connection lost during the call, server shutting down (`57P01`…`57P03`), connection errors (`08…`), out of resources (`53…`), serialization failure (`40001`) or deadlock (`40P01`: safe to retry), any other database error (such as a missing table: run [`PostgresStore::migrate`]) | [`StoreError::Unavailable`] |
 /// | a row or column that does not decode as a record | [`StoreError::Corrupt`] |
 #[derive(Clone, Debug)]
 pub struct PostgresStore {
