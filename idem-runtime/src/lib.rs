@@ -67,6 +67,11 @@ pub use idem_macros::idempotent;
 #[cfg(feature = "redis")]
 pub use ::redis;
 
+/// The `sqlx` crate, re-exported so that pools given to
+/// [`PostgresStore`](store::PostgresStore) come from the same version.
+#[cfg(feature = "postgres")]
+pub use ::sqlx;
+
 /// The paths `#[idempotent]`'s expansion uses. Not a public API: it changes with the macro.
 #[doc(hidden)]
 pub mod __private {

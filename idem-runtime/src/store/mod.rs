@@ -50,6 +50,8 @@
 mod cache;
 mod memory;
 mod owner;
+#[cfg(feature = "postgres")]
+mod postgres;
 #[cfg(feature = "redis")]
 mod redis;
 mod tiered;
@@ -60,6 +62,8 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+#[cfg(feature = "postgres")]
+pub use self::postgres::{PostgresConfig, PostgresStore};
 #[cfg(feature = "redis-cluster")]
 pub use self::redis::RedisClusterStore;
 #[cfg(feature = "redis")]

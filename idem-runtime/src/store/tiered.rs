@@ -47,7 +47,7 @@ use crate::fingerprint::{Fingerprint, RecordKey};
 use crate::record::RecordedResult;
 
 /// A store that answers replays of completed records from process memory, in front of a shared
-/// `inner` store (normally a [`RedisStore`](super::RedisStore)).
+/// `inner` store (normally a `RedisStore`).
 ///
 /// * **cached**: a cached record with the same fingerprint is replayed without asking `inner` (0
 ///   round trips); with a different fingerprint the answer is [`Cached::Mismatch`].
