@@ -11,6 +11,11 @@
 //!   `{"description": "…"}` → `200` with the updated payment.
 //!
 //! Every request needs `Authorization: Bearer <user>`; the token is the user id.
+//!
+//! Every error the example produces is an RFC 9457 problem document
+//! (`application/problem+json`, `type` `https://payments.example/problems/<slug>`), including a
+//! body that [`ApiJson`] rejects: `400 malformed-json`, `415 unsupported-media-type`,
+//! `422 invalid-payment`.
 
 use std::collections::HashMap;
 use std::hash::BuildHasher;
@@ -18,12 +23,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use axum::extract::{FromRequestParts, Path, State};
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{FromRequest, FromRequestParts, Path, Request, State};
 use axum::http::{HeaderValue, StatusCode, header, request::Parts};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use idem_runtime::{Idempotency, idempotent};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 /// Settings of the service (read from the environment by the `payments` binary).
@@ -126,11 +133,39 @@ impl<S: Send + Sync> FromRequestParts<S> for AuthUser {
     }
 }
 
+/// A JSON request body whose rejections are the example's problem documents.
+///
+/// axum's [`Json`] answers a bad body in `text/plain`; this keeps its statuses and answers with
+/// [`ApiProblem`]s instead: `400 malformed-json` (not JSON), `415 unsupported-media-type` (no
+/// `Content-Type: application/json`), `422 invalid-payment` (JSON of the wrong shape),
+/// `413 body-too-large` and `400 body-unreadable` (the body could not be read whole).
+///
+/// As the last parameter of an `#[idempotent]` handler it runs after idem has read and
+/// fingerprinted the body, so a rejected body records nothing and a corrected retry with the same
+/// key runs.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ApiJson<T>(pub T);
+
+impl<S, T> FromRequest<S> for ApiJson<T>
+where
+    S: Send + Sync,
+    T: DeserializeOwned,
+{
+    type Rejection = ApiProblem;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match Json::<T>::from_request(request, state).await {
+            Ok(Json(value)) => Ok(Self(value)),
+            Err(rejection) => Err(ApiProblem::from(rejection)),
+        }
+    }
+}
+
 #[idempotent(required = true, ttl = "24h", scope = user_id)]
 async fn create_payment(
     AuthUser(user_id): AuthUser,
     State(state): State<AppState>,
-    Json(new): Json<NewPayment>,
+    ApiJson(new): ApiJson<NewPayment>,
 ) -> Result<
     (
         StatusCode,
@@ -227,7 +262,7 @@ async fn update_payment(
     AuthUser(user_id): AuthUser,
     State(state): State<AppState>,
     Path(id): Path<String>,
-    Json(update): Json<PaymentUpdate>,
+    ApiJson(update): ApiJson<PaymentUpdate>,
 ) -> Result<Json<Payment>, ApiProblem> {
     if update.description.len() > 1024 {
         return Err(ApiProblem::invalid(
@@ -288,7 +323,7 @@ impl ApiProblem {
     }
 
     fn not_found(id: &str) -> Self {
-        let shown: String = id.chars().take(64).collect();
+        let shown = shortened(id, 64);
         Self::new(
             StatusCode::NOT_FOUND,
             "not-found",
@@ -305,6 +340,47 @@ impl ApiProblem {
             "unexpected error",
         )
     }
+}
+
+impl From<JsonRejection> for ApiProblem {
+    fn from(rejection: JsonRejection) -> Self {
+        // axum's text names what was wrong (serde's message for syntax and data errors); it may
+        // quote the client's input, so only its start is kept.
+        let detail = shortened(&rejection.body_text(), 256);
+        match rejection {
+            JsonRejection::JsonSyntaxError(_) => Self::new(
+                StatusCode::BAD_REQUEST,
+                "malformed-json",
+                "Malformed JSON",
+                detail,
+            ),
+            JsonRejection::JsonDataError(_) => Self::invalid(&detail),
+            JsonRejection::MissingJsonContentType(_) => Self::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported-media-type",
+                "Unsupported media type",
+                "send the body as JSON with `Content-Type: application/json`",
+            ),
+            rejection if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => Self::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body-too-large",
+                "Body too large",
+                detail,
+            ),
+            // The body could not be read whole (the client stopped sending, or too slowly).
+            rejection => Self::new(
+                rejection.status(),
+                "body-unreadable",
+                "Body unreadable",
+                detail,
+            ),
+        }
+    }
+}
+
+/// At most `limit` characters of `text`.
+fn shortened(text: &str, limit: usize) -> String {
+    text.chars().take(limit).collect()
 }
 
 impl IntoResponse for ApiProblem {

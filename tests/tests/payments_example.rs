@@ -220,6 +220,99 @@ async fn invalid_bodies_are_4xx_and_a_corrected_retry_runs() {
 }
 
 #[tokio::test]
+async fn body_rejections_are_problem_documents_with_axums_statuses() {
+    let app = app();
+    // (body, content type, status, slug): axum's statuses, the example's problem documents.
+    let cases = [
+        ("{", Some("application/json"), 400, "malformed-json"),
+        ("not json", Some("application/json"), 400, "malformed-json"),
+        (
+            r#"{"amount": 5, "currency": "EUR"}"#,
+            None,
+            415,
+            "unsupported-media-type",
+        ),
+        (
+            r#"{"amount": 5, "currency": "EUR"}"#,
+            Some("text/plain"),
+            415,
+            "unsupported-media-type",
+        ),
+        (
+            r#"{"amount": "5", "currency": "EUR"}"#,
+            Some("application/json"),
+            422,
+            "invalid-payment",
+        ),
+        (
+            r#"{"amount": 5}"#,
+            Some("application/json"),
+            422,
+            "invalid-payment",
+        ),
+        (
+            r#"{"amount": 5, "currency": "EUR", "extra": true}"#,
+            Some("application/json"),
+            422,
+            "invalid-payment",
+        ),
+    ];
+    for (n, (body, content_type, status, slug)) in cases.into_iter().enumerate() {
+        let mut builder = request("POST", "/payments")
+            .header(header::AUTHORIZATION, "Bearer ann")
+            .header(IDEMPOTENCY_KEY, format!("bad-{n}"));
+        if let Some(content_type) = content_type {
+            builder = builder.header(header::CONTENT_TYPE, content_type);
+        }
+        let reply = send(&app, builder.body(body.to_owned().into()).unwrap()).await;
+        assert_app_problem(&reply, status, slug);
+        assert!(!reply.replayed(), "{body}");
+        let detail = reply.json()["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        assert!(
+            !detail.is_empty() && detail.len() <= 256 * 4,
+            "{body}: {detail}"
+        );
+    }
+    // A field name the size of the body is not echoed whole.
+    let long_field = format!(
+        r#"{{"amount": 5, "currency": "EUR", "{}": 1}}"#,
+        "x".repeat(10_000)
+    );
+    let reply = send(&app, pay(Some("ann"), Some("long"), &long_field)).await;
+    assert_app_problem(&reply, 422, "invalid-payment");
+    assert!(reply.body.len() < 2_000, "{} bytes", reply.body.len());
+
+    // The same documents without a key (PATCH's key is optional: the body is read by the
+    // extractor itself, not through idem).
+    let created = send(
+        &app,
+        pay(
+            Some("ann"),
+            Some("p"),
+            r#"{"amount": 3, "currency": "EUR"}"#,
+        ),
+    )
+    .await;
+    let location = created.header(header::LOCATION).unwrap().to_owned();
+    let syntax = send(&app, call("PATCH", &location, Some("ann"), None, "{")).await;
+    assert_app_problem(&syntax, 400, "malformed-json");
+    let data = send(
+        &app,
+        call("PATCH", &location, Some("ann"), None, r#"{"desc": 1}"#),
+    )
+    .await;
+    assert_app_problem(&data, 422, "invalid-payment");
+    let untyped = request("PATCH", &location)
+        .header(header::AUTHORIZATION, "Bearer ann")
+        .body(Body::from(r#"{"description": "x"}"#))
+        .unwrap();
+    assert_app_problem(&send(&app, untyped).await, 415, "unsupported-media-type");
+}
+
+#[tokio::test]
 async fn users_never_see_each_others_payments_or_records() {
     let app = app();
     let body = r#"{"amount": 7, "currency": "GBP"}"#;
