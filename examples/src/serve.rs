@@ -50,6 +50,7 @@ pub async fn serve_from_env() -> Result<(), String> {
     let listen = std::env::var("IDEM_LISTEN").unwrap_or_else(|_| "127.0.0.1:3000".to_owned());
     let settings = Settings {
         processing: Duration::from_millis(env_u64("PAYMENTS_PROCESSING_MS")?.unwrap_or(0)),
+        ..Settings::default()
     };
     let mut builder = Idempotency::builder();
     if let Some(lease) = env_u64("IDEM_LEASE_MS")? {

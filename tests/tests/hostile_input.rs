@@ -563,6 +563,7 @@ async fn key_flood_does_not_free_an_in_flight_key() {
         &idem,
         Settings {
             processing: Duration::from_secs(20),
+            ..Settings::default()
         },
     );
 

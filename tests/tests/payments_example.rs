@@ -312,6 +312,141 @@ async fn body_rejections_are_problem_documents_with_axums_statuses() {
     assert_app_problem(&send(&app, untyped).await, 415, "unsupported-media-type");
 }
 
+/// Creates `count` payments for `user` (keys `{user}-{n}`) and returns their ids, oldest first.
+async fn create_payments(app: &Router, user: &str, count: usize) -> Vec<String> {
+    let mut ids = Vec::with_capacity(count);
+    for n in 0..count {
+        let key = format!("{user}-{n}");
+        let body = format!(r#"{{"amount": {}, "currency": "EUR"}}"#, n + 1);
+        let created = send(app, pay(Some(user), Some(&key), &body)).await;
+        assert_eq!(created.status, StatusCode::CREATED, "{created:?}");
+        ids.push(created.json()["id"].as_str().unwrap().to_owned());
+    }
+    ids
+}
+
+/// The ids of a listing, which must be a bare JSON array of payments.
+#[track_caller]
+fn listed_ids(reply: &Reply) -> Vec<String> {
+    assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+    reply
+        .json()
+        .as_array()
+        .expect("a bare JSON array")
+        .iter()
+        .map(|payment| payment["id"].as_str().expect("an id").to_owned())
+        .collect()
+}
+
+async fn list(app: &Router, user: &str, query: &str) -> Reply {
+    send(
+        app,
+        call("GET", &format!("/payments{query}"), Some(user), None, ""),
+    )
+    .await
+}
+
+#[tokio::test]
+async fn listing_is_paginated_with_limit_and_starting_after() {
+    let app = app();
+    let ann = create_payments(&app, "ann", 105).await;
+    let bob = create_payments(&app, "bob", 2).await;
+
+    // Default 100, oldest first; `limit` up to 1000.
+    assert_eq!(listed_ids(&list(&app, "ann", "").await), ann[..100]);
+    assert_eq!(listed_ids(&list(&app, "ann", "?limit=1000").await), ann);
+    assert_eq!(listed_ids(&list(&app, "ann", "?limit=2").await), ann[..2]);
+    let after = format!("?limit=2&starting_after={}", ann[1]);
+    assert_eq!(listed_ids(&list(&app, "ann", &after).await), ann[2..4]);
+    let after = format!("?starting_after={}", ann[1]);
+    assert_eq!(listed_ids(&list(&app, "ann", &after).await), ann[2..102]);
+    let after_last = format!("?starting_after={}", ann[104]);
+    assert!(listed_ids(&list(&app, "ann", &after_last).await).is_empty());
+    assert_eq!(listed_ids(&list(&app, "bob", "?limit=1").await), bob[..1]);
+
+    // Walking the pages visits every payment once, in order.
+    let mut walked = Vec::new();
+    let mut query = "?limit=40".to_owned();
+    loop {
+        let page = listed_ids(&list(&app, "ann", &query).await);
+        walked.extend(page.iter().cloned());
+        match page.last() {
+            Some(last) if page.len() == 40 => query = format!("?limit=40&starting_after={last}"),
+            _ => break,
+        }
+    }
+    assert_eq!(walked, ann);
+
+    for bad in [
+        "0",
+        "1001",
+        "-1",
+        "abc",
+        "",
+        "1.5",
+        "99999999999999999999999",
+    ] {
+        let reply = list(&app, "ann", &format!("?limit={bad}")).await;
+        assert_app_problem(&reply, 400, "invalid-limit");
+    }
+    // Another user's id is as unknown as an id that never existed.
+    for cursor in [bob[0].as_str(), "pay_0000000000000000", ""] {
+        let reply = list(&app, "ann", &format!("?starting_after={cursor}")).await;
+        assert_app_problem(&reply, 400, "invalid-starting-after");
+    }
+    let twice = list(&app, "ann", "?limit=1&limit=2").await;
+    assert_app_problem(&twice, 400, "invalid-query");
+    // Authentication still comes first.
+    let anonymous = send(&app, call("GET", "/payments?limit=0", None, None, "")).await;
+    assert_app_problem(&anonymous, 401, "unauthorized");
+}
+
+#[tokio::test]
+async fn the_ledger_keeps_only_the_newest_payments_up_to_its_capacity() {
+    let idem = Idempotency::builder().build();
+    let app = payments::app(
+        &idem,
+        Settings {
+            ledger_capacity: 3,
+            ..Settings::default()
+        },
+    );
+    let ann = create_payments(&app, "ann", 2).await;
+    let bob = create_payments(&app, "bob", 2).await;
+    // Four payments, room for three: ann's first, the oldest, is gone.
+    assert_eq!(listed_ids(&list(&app, "ann", "").await), ann[1..]);
+    assert_eq!(listed_ids(&list(&app, "bob", "").await), bob);
+    let dropped = format!("/payments/{}", ann[0]);
+    let gone = send(&app, call("GET", &dropped, Some("ann"), None, "")).await;
+    assert_app_problem(&gone, 404, "not-found");
+    let update = r#"{"description": "x"}"#;
+    let gone = send(&app, call("PATCH", &dropped, Some("ann"), None, update)).await;
+    assert_app_problem(&gone, 404, "not-found");
+    // Its record outlives it: the retry replays the 201 and charges nothing.
+    let retry = send(
+        &app,
+        pay(
+            Some("ann"),
+            Some("ann-0"),
+            r#"{"amount": 1, "currency": "EUR"}"#,
+        ),
+    )
+    .await;
+    assert_eq!(retry.status, StatusCode::CREATED);
+    assert!(retry.replayed());
+    assert_eq!(retry.json()["id"], ann[0].as_str());
+    // A cursor that was dropped is unknown.
+    let reply = list(&app, "ann", &format!("?starting_after={}", ann[0])).await;
+    assert_app_problem(&reply, 400, "invalid-starting-after");
+
+    // A flood from one user pushes everyone else's payments out, and the ledger stays at three.
+    let carol = create_payments(&app, "carol", 10).await;
+    assert_eq!(listed_ids(&list(&app, "carol", "").await), carol[7..]);
+    for user in ["ann", "bob"] {
+        assert!(listed_ids(&list(&app, user, "").await).is_empty(), "{user}");
+    }
+}
+
 #[tokio::test]
 async fn users_never_see_each_others_payments_or_records() {
     let app = app();
@@ -421,6 +556,7 @@ async fn concurrent_retries_of_a_slow_payment_charge_once() {
         &idem,
         Settings {
             processing: Duration::from_millis(300),
+            ..Settings::default()
         },
     );
     let body = r#"{"amount": 10, "currency": "EUR"}"#;
