@@ -60,7 +60,8 @@ pub const DEFAULT_PAGE_SIZE: usize = 100;
 /// The largest `?limit=` of `GET /payments`.
 pub const MAX_PAGE_SIZE: usize = 1000;
 
-/// Settings of the service (read from the environment by the `payments` binary).
+/// Settings of the service (the `payments` binary reads `processing` from the environment and
+/// keeps the other defaults).
 #[derive(Debug, Clone)]
 pub struct Settings {
     /// Simulated processor latency inside `POST /payments` (`PAYMENTS_PROCESSING_MS`). Default 0.
