@@ -5,38 +5,85 @@
 //!   `Location: /payments/{id}`. Currency `XTS` (the ISO test code) → `503` "processor unavailable"
 //!   (transient, so not recorded); an amount above 1 000 000 → `402` "declined" (deterministic, so
 //!   recorded and replayed).
-//! * `GET /payments` — this user's payments held by this process.
+//! * `GET /payments` — this user's payments held by this process, oldest first, a page at a time
+//!   (Stripe-style; the response is a bare JSON array):
+//!   * `limit` — how many payments at most: an integer from 1 to [`MAX_PAGE_SIZE`] (1000), default
+//!     [`DEFAULT_PAGE_SIZE`] (100); anything else → `400 invalid-limit`;
+//!   * `starting_after` — a payment id: the page starts after it. The next page of a full page is
+//!     `?starting_after=<the last id>`; a page shorter than `limit` is the last one. An id that is
+//!     not one of this user's payments held by this process (never created, another user's, or
+//!     dropped by the ledger bound below) → `400 invalid-starting-after`;
+//!   * other parameters are ignored; a query string that cannot be decoded → `400 invalid-query`.
 //! * `GET /payments/{id}` — one payment, or `404`.
 //! * `PATCH /payments/{id}` — `#[idempotent(scope = user_id)]` (key optional); body
 //!   `{"description": "…"}` → `200` with the updated payment.
 //!
 //! Every request needs `Authorization: Bearer <user>`; the token is the user id.
+//!
+//! **The ledger is bounded.** The payments live in this process's memory, at most
+//! [`Settings::ledger_capacity`] of them across all users ([`DEFAULT_LEDGER_CAPACITY`], 50 000:
+//! about 22 MB, about 75 MB if every payment carries a 1 KiB description). Creating one more
+//! drops the oldest, whoever owns it: it is no longer listed, `GET`/`PATCH /payments/{id}` answer
+//! `404`, and a retry of its `POST` still replays the recorded `201` while idem holds the record.
+//! A page is at most [`MAX_PAGE_SIZE`] payments (about 80 KB of JSON without descriptions).
+//!
+//! Every error the example produces is an RFC 9457 problem document
+//! (`application/problem+json`, `type` `https://payments.example/problems/<slug>`), including a
+//! body that [`ApiJson`] rejects: `400 malformed-json`, `415 unsupported-media-type`,
+//! `422 invalid-payment`.
 
-use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use axum::extract::{FromRequestParts, Path, State};
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request, State};
 use axum::http::{HeaderValue, StatusCode, header, request::Parts};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use idem_runtime::{Idempotency, idempotent};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-/// Settings of the service (read from the environment by the `payments` binary).
-#[derive(Debug, Clone, Default)]
+use self::ledger::{Ledger, UnknownCursor};
+
+mod ledger;
+
+/// How many payments the process keeps, unless [`Settings::ledger_capacity`] says otherwise.
+pub const DEFAULT_LEDGER_CAPACITY: usize = 50_000;
+
+/// How many payments `GET /payments` returns without `?limit=`.
+pub const DEFAULT_PAGE_SIZE: usize = 100;
+
+/// The largest `?limit=` of `GET /payments`.
+pub const MAX_PAGE_SIZE: usize = 1000;
+
+/// Settings of the service (the `payments` binary reads `processing` from the environment and
+/// keeps the other defaults).
+#[derive(Debug, Clone)]
 pub struct Settings {
-    /// Simulated processor latency inside `POST /payments` (`PAYMENTS_PROCESSING_MS`).
+    /// Simulated processor latency inside `POST /payments` (`PAYMENTS_PROCESSING_MS`). Default 0.
     pub processing: Duration,
+    /// How many payments the process keeps, across all users; creating one more drops the oldest.
+    /// Default [`DEFAULT_LEDGER_CAPACITY`]; `0` counts as 1.
+    pub ledger_capacity: usize,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            processing: Duration::ZERO,
+            ledger_capacity: DEFAULT_LEDGER_CAPACITY,
+        }
+    }
 }
 
 /// Builds the router: the four routes, wired to `idem`.
 pub fn app(idem: &Idempotency, settings: Settings) -> Router {
     let state = AppState {
-        ledger: Arc::default(),
+        ledger: Arc::new(Mutex::new(Ledger::new(settings.ledger_capacity))),
         settings: Arc::new(settings),
     };
     Router::new()
@@ -83,18 +130,10 @@ struct AppState {
     settings: Arc<Settings>,
 }
 
-#[derive(Default)]
-struct Ledger {
-    /// Payments by id, each with its owner.
-    payments: HashMap<String, (String, Payment)>,
-    /// Ids per user, in creation order.
-    by_user: HashMap<String, Vec<String>>,
-}
-
 impl AppState {
     fn ledger(&self) -> std::sync::MutexGuard<'_, Ledger> {
-        // A panic while holding the lock cannot leave the maps half-updated (each update is one
-        // insert), so a poisoned lock is still safe to use.
+        // Nothing panics while holding the lock (the ledger's updates are map inserts and
+        // removes), so a poisoned lock is still safe to use.
         self.ledger.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
@@ -126,11 +165,39 @@ impl<S: Send + Sync> FromRequestParts<S> for AuthUser {
     }
 }
 
+/// A JSON request body whose rejections are the example's problem documents.
+///
+/// axum's [`Json`] answers a bad body in `text/plain`; this keeps its statuses and answers with
+/// [`ApiProblem`]s instead: `400 malformed-json` (not JSON), `415 unsupported-media-type` (no
+/// `Content-Type: application/json`), `422 invalid-payment` (JSON of the wrong shape),
+/// `413 body-too-large` and `400 body-unreadable` (the body could not be read whole).
+///
+/// As the last parameter of an `#[idempotent]` handler it runs after idem has read and
+/// fingerprinted the body, so a rejected body records nothing and a corrected retry with the same
+/// key runs.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ApiJson<T>(pub T);
+
+impl<S, T> FromRequest<S> for ApiJson<T>
+where
+    S: Send + Sync,
+    T: DeserializeOwned,
+{
+    type Rejection = ApiProblem;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match Json::<T>::from_request(request, state).await {
+            Ok(Json(value)) => Ok(Self(value)),
+            Err(rejection) => Err(ApiProblem::from(rejection)),
+        }
+    }
+}
+
 #[idempotent(required = true, ttl = "24h", scope = user_id)]
 async fn create_payment(
     AuthUser(user_id): AuthUser,
     State(state): State<AppState>,
-    Json(new): Json<NewPayment>,
+    ApiJson(new): ApiJson<NewPayment>,
 ) -> Result<
     (
         StatusCode,
@@ -177,15 +244,7 @@ async fn create_payment(
     };
     let location = HeaderValue::try_from(format!("/payments/{}", payment.id))
         .map_err(|_| ApiProblem::internal())?;
-    let mut ledger = state.ledger();
-    ledger
-        .by_user
-        .entry(user_id.clone())
-        .or_default()
-        .push(payment.id.clone());
-    ledger
-        .payments
-        .insert(payment.id.clone(), (user_id, payment.clone()));
+    state.ledger().insert(&user_id, payment.clone());
     Ok((
         StatusCode::CREATED,
         [(header::LOCATION, location)],
@@ -193,22 +252,56 @@ async fn create_payment(
     ))
 }
 
+/// The query of `GET /payments`, as text: the handler checks it.
+#[derive(Debug, Deserialize)]
+struct ListQuery {
+    limit: Option<String>,
+    starting_after: Option<String>,
+}
+
 async fn list_payments(
     AuthUser(user_id): AuthUser,
     State(state): State<AppState>,
-) -> Json<Vec<Payment>> {
-    let ledger = state.ledger();
-    let ids = ledger
-        .by_user
-        .get(&user_id)
-        .map(Vec::as_slice)
-        .unwrap_or_default();
-    Json(
-        ids.iter()
-            .filter_map(|id| ledger.payments.get(id))
-            .map(|(_, p)| p.clone())
-            .collect(),
-    )
+    query: Result<Query<ListQuery>, QueryRejection>,
+) -> Result<Json<Vec<Payment>>, ApiProblem> {
+    let Query(query) = query.map_err(|rejection| {
+        ApiProblem::new(
+            StatusCode::BAD_REQUEST,
+            "invalid-query",
+            "Invalid query",
+            shortened(&rejection.body_text(), 256),
+        )
+    })?;
+    let limit = match query.limit.as_deref() {
+        None => DEFAULT_PAGE_SIZE,
+        Some(text) => text
+            .parse::<usize>()
+            .ok()
+            .filter(|limit| (1..=MAX_PAGE_SIZE).contains(limit))
+            .ok_or_else(|| {
+                ApiProblem::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid-limit",
+                    "Invalid limit",
+                    format!("`limit` must be an integer from 1 to {MAX_PAGE_SIZE}"),
+                )
+            })?,
+    };
+    let page = state
+        .ledger()
+        .page(&user_id, query.starting_after.as_deref(), limit);
+    match page {
+        Ok(page) => Ok(Json(page)),
+        Err(UnknownCursor) => Err(ApiProblem::new(
+            StatusCode::BAD_REQUEST,
+            "invalid-starting-after",
+            "Invalid starting_after",
+            format!(
+                "`starting_after` must be the id of one of your payments held by this service, got `{}`",
+                shortened(query.starting_after.as_deref().unwrap_or_default(), 64)
+            ),
+        )),
+    }
 }
 
 async fn get_payment(
@@ -216,9 +309,9 @@ async fn get_payment(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<Payment>, ApiProblem> {
-    match state.ledger().payments.get(&id) {
-        Some((owner, payment)) if *owner == user_id => Ok(Json(payment.clone())),
-        _ => Err(ApiProblem::not_found(&id)),
+    match state.ledger().get(&user_id, &id) {
+        Some(payment) => Ok(Json(payment.clone())),
+        None => Err(ApiProblem::not_found(&id)),
     }
 }
 
@@ -227,19 +320,19 @@ async fn update_payment(
     AuthUser(user_id): AuthUser,
     State(state): State<AppState>,
     Path(id): Path<String>,
-    Json(update): Json<PaymentUpdate>,
+    ApiJson(update): ApiJson<PaymentUpdate>,
 ) -> Result<Json<Payment>, ApiProblem> {
     if update.description.len() > 1024 {
         return Err(ApiProblem::invalid(
             "`description` is limited to 1024 bytes",
         ));
     }
-    match state.ledger().payments.get_mut(&id) {
-        Some((owner, payment)) if *owner == user_id => {
+    match state.ledger().get_mut(&user_id, &id) {
+        Some(payment) => {
             payment.description = Some(update.description);
             Ok(Json(payment.clone()))
         }
-        _ => Err(ApiProblem::not_found(&id)),
+        None => Err(ApiProblem::not_found(&id)),
     }
 }
 
@@ -288,7 +381,7 @@ impl ApiProblem {
     }
 
     fn not_found(id: &str) -> Self {
-        let shown: String = id.chars().take(64).collect();
+        let shown = shortened(id, 64);
         Self::new(
             StatusCode::NOT_FOUND,
             "not-found",
@@ -305,6 +398,47 @@ impl ApiProblem {
             "unexpected error",
         )
     }
+}
+
+impl From<JsonRejection> for ApiProblem {
+    fn from(rejection: JsonRejection) -> Self {
+        // axum's text names what was wrong (serde's message for syntax and data errors); it may
+        // quote the client's input, so only its start is kept.
+        let detail = shortened(&rejection.body_text(), 256);
+        match rejection {
+            JsonRejection::JsonSyntaxError(_) => Self::new(
+                StatusCode::BAD_REQUEST,
+                "malformed-json",
+                "Malformed JSON",
+                detail,
+            ),
+            JsonRejection::JsonDataError(_) => Self::invalid(&detail),
+            JsonRejection::MissingJsonContentType(_) => Self::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported-media-type",
+                "Unsupported media type",
+                "send the body as JSON with `Content-Type: application/json`",
+            ),
+            rejection if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => Self::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body-too-large",
+                "Body too large",
+                detail,
+            ),
+            // The body could not be read whole (the client stopped sending, or too slowly).
+            rejection => Self::new(
+                rejection.status(),
+                "body-unreadable",
+                "Body unreadable",
+                detail,
+            ),
+        }
+    }
+}
+
+/// At most `limit` characters of `text`.
+fn shortened(text: &str, limit: usize) -> String {
+    text.chars().take(limit).collect()
 }
 
 impl IntoResponse for ApiProblem {

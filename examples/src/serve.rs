@@ -10,6 +10,10 @@
 //!
 //! Prints `listening on http://ADDR` on stdout once it accepts connections; stops cleanly on
 //! SIGTERM or Ctrl-C, letting running handlers finish and record their results.
+//!
+//! The server is [`server::serve`] with its default timeouts (header read 10 s, request body 30 s,
+//! idle 60 s) and a connection cap of 1024, lowered to fit the process's descriptor limit when
+//! that is smaller (on Linux, read from `/proc/self/limits`).
 
 use std::io::Write as _;
 use std::process::ExitCode;
@@ -19,6 +23,7 @@ use idem_runtime::store::{RedisConfig, RedisStore, TieredStore};
 use idem_runtime::{Idempotency, IdempotencyBuilder};
 
 use crate::payments::{self, Settings};
+use crate::server::{self, ServerConfig};
 
 /// The whole `payments` program: logs to stderr (filter `RUST_LOG`, default `warn`), serves until
 /// stopped ([`serve_from_env`]) and turns a start-up error into a message and a failure exit code.
@@ -50,6 +55,7 @@ pub async fn serve_from_env() -> Result<(), String> {
     let listen = std::env::var("IDEM_LISTEN").unwrap_or_else(|_| "127.0.0.1:3000".to_owned());
     let settings = Settings {
         processing: Duration::from_millis(env_u64("PAYMENTS_PROCESSING_MS")?.unwrap_or(0)),
+        ..Settings::default()
     };
     let mut builder = Idempotency::builder();
     if let Some(lease) = env_u64("IDEM_LEASE_MS")? {
@@ -73,10 +79,14 @@ pub async fn serve_from_env() -> Result<(), String> {
         .map_err(|error| error.to_string())?;
     drop(stdout);
 
-    axum::serve(listener, payments::app(&idem, settings))
-        .with_graceful_shutdown(shutdown_signal())
-        .await
-        .map_err(|error| format!("server error: {error}"))?;
+    let config = ServerConfig::new().max_connections(connection_cap());
+    server::serve(
+        listener,
+        payments::app(&idem, settings),
+        config,
+        shutdown_signal(),
+    )
+    .await;
     // Handlers whose clients went away are still running: let them finish and record.
     idem.shutdown().await;
     Ok(())
@@ -89,6 +99,38 @@ async fn with_redis(builder: IdempotencyBuilder, url: &str) -> Result<Idempotenc
         .await
         .map_err(|error| format!("cannot use REDIS_URL: {error}"))?;
     Ok(builder.store(TieredStore::new(redis)))
+}
+
+/// Descriptors kept for everything but client connections: the listener, standard streams, the
+/// runtime's own, Redis connections, files.
+const RESERVED_DESCRIPTORS: u64 = 32;
+
+/// The connection cap: [`ServerConfig::DEFAULT_MAX_CONNECTIONS`], or fewer when the process may
+/// not open that many descriptors, so that idle clients can never exhaust them.
+fn connection_cap() -> usize {
+    let limit = std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|limits| open_files_soft_limit(&limits));
+    cap_for_descriptor_limit(limit)
+}
+
+fn cap_for_descriptor_limit(limit: Option<u64>) -> usize {
+    let default = ServerConfig::DEFAULT_MAX_CONNECTIONS;
+    match limit {
+        None => default,
+        Some(limit) => usize::try_from(limit.saturating_sub(RESERVED_DESCRIPTORS))
+            .unwrap_or(default)
+            .clamp(1, default),
+    }
+}
+
+/// The soft limit on open files in the text of `/proc/self/limits` (`None`: unlimited or absent).
+fn open_files_soft_limit(limits: &str) -> Option<u64> {
+    limits
+        .lines()
+        .find_map(|line| line.strip_prefix("Max open files"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|soft| soft.parse().ok())
 }
 
 fn env_u64(name: &str) -> Result<Option<u64>, String> {
@@ -122,5 +164,29 @@ async fn shutdown_signal() {
     tokio::select! {
         () = ctrl_c => {}
         () = terminate => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_connection_cap_fits_the_descriptor_limit() {
+        let limits = "Limit                     Soft Limit           Hard Limit           Units     \n\
+                      Max processes             95833                95833                processes \n\
+                      Max open files            256                  524288               files     \n";
+        assert_eq!(open_files_soft_limit(limits), Some(256));
+        assert_eq!(
+            open_files_soft_limit(
+                "Max open files            unlimited            unlimited            files"
+            ),
+            None
+        );
+        assert_eq!(open_files_soft_limit(""), None);
+        assert_eq!(cap_for_descriptor_limit(Some(256)), 224);
+        assert_eq!(cap_for_descriptor_limit(Some(10)), 1);
+        assert_eq!(cap_for_descriptor_limit(Some(1 << 20)), 1024);
+        assert_eq!(cap_for_descriptor_limit(None), 1024);
     }
 }

@@ -570,6 +570,7 @@ async fn key_flood_does_not_free_an_in_flight_key() {
         &idem,
         Settings {
             processing: Duration::from_secs(20),
+            ..Settings::default()
         },
     );
 

@@ -1,17 +1,22 @@
 //! The payments example against its contract (DESIGN.md section 8): in process through
-//! `idem_examples::payments::app`, and the real `payments` binary over TCP, stopped with SIGTERM.
+//! `idem_examples::payments::app`, the real `payments` binary over TCP, stopped with SIGTERM, and
+//! the server's timeouts and connection cap (`idem_examples::server`) over TCP.
 
-use std::time::Duration;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Body;
 use http::{Request, StatusCode, header};
 use idem_examples::payments::{self, Settings};
+use idem_examples::server::{self, ServerConfig};
 use idem_runtime::Idempotency;
 use idem_tests::process::PaymentsProcess;
 use idem_tests::support::{
     IDEMPOTENCY_KEY, Reply, http1_request, raw_exchange, request, send, within,
 };
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::{TcpListener, TcpStream};
 
 fn app() -> Router {
     let idem = Idempotency::builder().build();
@@ -220,6 +225,234 @@ async fn invalid_bodies_are_4xx_and_a_corrected_retry_runs() {
 }
 
 #[tokio::test]
+async fn body_rejections_are_problem_documents_with_axums_statuses() {
+    let app = app();
+    // (body, content type, status, slug): axum's statuses, the example's problem documents.
+    let cases = [
+        ("{", Some("application/json"), 400, "malformed-json"),
+        ("not json", Some("application/json"), 400, "malformed-json"),
+        (
+            r#"{"amount": 5, "currency": "EUR"}"#,
+            None,
+            415,
+            "unsupported-media-type",
+        ),
+        (
+            r#"{"amount": 5, "currency": "EUR"}"#,
+            Some("text/plain"),
+            415,
+            "unsupported-media-type",
+        ),
+        (
+            r#"{"amount": "5", "currency": "EUR"}"#,
+            Some("application/json"),
+            422,
+            "invalid-payment",
+        ),
+        (
+            r#"{"amount": 5}"#,
+            Some("application/json"),
+            422,
+            "invalid-payment",
+        ),
+        (
+            r#"{"amount": 5, "currency": "EUR", "extra": true}"#,
+            Some("application/json"),
+            422,
+            "invalid-payment",
+        ),
+    ];
+    for (n, (body, content_type, status, slug)) in cases.into_iter().enumerate() {
+        let mut builder = request("POST", "/payments")
+            .header(header::AUTHORIZATION, "Bearer ann")
+            .header(IDEMPOTENCY_KEY, format!("bad-{n}"));
+        if let Some(content_type) = content_type {
+            builder = builder.header(header::CONTENT_TYPE, content_type);
+        }
+        let reply = send(&app, builder.body(body.to_owned().into()).unwrap()).await;
+        assert_app_problem(&reply, status, slug);
+        assert!(!reply.replayed(), "{body}");
+        let detail = reply.json()["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        assert!(
+            !detail.is_empty() && detail.len() <= 256 * 4,
+            "{body}: {detail}"
+        );
+    }
+    // A field name the size of the body is not echoed whole.
+    let long_field = format!(
+        r#"{{"amount": 5, "currency": "EUR", "{}": 1}}"#,
+        "x".repeat(10_000)
+    );
+    let reply = send(&app, pay(Some("ann"), Some("long"), &long_field)).await;
+    assert_app_problem(&reply, 422, "invalid-payment");
+    assert!(reply.body.len() < 2_000, "{} bytes", reply.body.len());
+
+    // The same documents without a key (PATCH's key is optional: the body is read by the
+    // extractor itself, not through idem).
+    let created = send(
+        &app,
+        pay(
+            Some("ann"),
+            Some("p"),
+            r#"{"amount": 3, "currency": "EUR"}"#,
+        ),
+    )
+    .await;
+    let location = created.header(header::LOCATION).unwrap().to_owned();
+    let syntax = send(&app, call("PATCH", &location, Some("ann"), None, "{")).await;
+    assert_app_problem(&syntax, 400, "malformed-json");
+    let data = send(
+        &app,
+        call("PATCH", &location, Some("ann"), None, r#"{"desc": 1}"#),
+    )
+    .await;
+    assert_app_problem(&data, 422, "invalid-payment");
+    let untyped = request("PATCH", &location)
+        .header(header::AUTHORIZATION, "Bearer ann")
+        .body(Body::from(r#"{"description": "x"}"#))
+        .unwrap();
+    assert_app_problem(&send(&app, untyped).await, 415, "unsupported-media-type");
+}
+
+/// Creates `count` payments for `user` (keys `{user}-{n}`) and returns their ids, oldest first.
+async fn create_payments(app: &Router, user: &str, count: usize) -> Vec<String> {
+    let mut ids = Vec::with_capacity(count);
+    for n in 0..count {
+        let key = format!("{user}-{n}");
+        let body = format!(r#"{{"amount": {}, "currency": "EUR"}}"#, n + 1);
+        let created = send(app, pay(Some(user), Some(&key), &body)).await;
+        assert_eq!(created.status, StatusCode::CREATED, "{created:?}");
+        ids.push(created.json()["id"].as_str().unwrap().to_owned());
+    }
+    ids
+}
+
+/// The ids of a listing, which must be a bare JSON array of payments.
+#[track_caller]
+fn listed_ids(reply: &Reply) -> Vec<String> {
+    assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+    reply
+        .json()
+        .as_array()
+        .expect("a bare JSON array")
+        .iter()
+        .map(|payment| payment["id"].as_str().expect("an id").to_owned())
+        .collect()
+}
+
+async fn list(app: &Router, user: &str, query: &str) -> Reply {
+    send(
+        app,
+        call("GET", &format!("/payments{query}"), Some(user), None, ""),
+    )
+    .await
+}
+
+#[tokio::test]
+async fn listing_is_paginated_with_limit_and_starting_after() {
+    let app = app();
+    let ann = create_payments(&app, "ann", 105).await;
+    let bob = create_payments(&app, "bob", 2).await;
+
+    // Default 100, oldest first; `limit` up to 1000.
+    assert_eq!(listed_ids(&list(&app, "ann", "").await), ann[..100]);
+    assert_eq!(listed_ids(&list(&app, "ann", "?limit=1000").await), ann);
+    assert_eq!(listed_ids(&list(&app, "ann", "?limit=2").await), ann[..2]);
+    let after = format!("?limit=2&starting_after={}", ann[1]);
+    assert_eq!(listed_ids(&list(&app, "ann", &after).await), ann[2..4]);
+    let after = format!("?starting_after={}", ann[1]);
+    assert_eq!(listed_ids(&list(&app, "ann", &after).await), ann[2..102]);
+    let after_last = format!("?starting_after={}", ann[104]);
+    assert!(listed_ids(&list(&app, "ann", &after_last).await).is_empty());
+    assert_eq!(listed_ids(&list(&app, "bob", "?limit=1").await), bob[..1]);
+
+    // Walking the pages visits every payment once, in order.
+    let mut walked = Vec::new();
+    let mut query = "?limit=40".to_owned();
+    loop {
+        let page = listed_ids(&list(&app, "ann", &query).await);
+        walked.extend(page.iter().cloned());
+        match page.last() {
+            Some(last) if page.len() == 40 => query = format!("?limit=40&starting_after={last}"),
+            _ => break,
+        }
+    }
+    assert_eq!(walked, ann);
+
+    for bad in [
+        "0",
+        "1001",
+        "-1",
+        "abc",
+        "",
+        "1.5",
+        "99999999999999999999999",
+    ] {
+        let reply = list(&app, "ann", &format!("?limit={bad}")).await;
+        assert_app_problem(&reply, 400, "invalid-limit");
+    }
+    // Another user's id is as unknown as an id that never existed.
+    for cursor in [bob[0].as_str(), "pay_0000000000000000", ""] {
+        let reply = list(&app, "ann", &format!("?starting_after={cursor}")).await;
+        assert_app_problem(&reply, 400, "invalid-starting-after");
+    }
+    let twice = list(&app, "ann", "?limit=1&limit=2").await;
+    assert_app_problem(&twice, 400, "invalid-query");
+    // Authentication still comes first.
+    let anonymous = send(&app, call("GET", "/payments?limit=0", None, None, "")).await;
+    assert_app_problem(&anonymous, 401, "unauthorized");
+}
+
+#[tokio::test]
+async fn the_ledger_keeps_only_the_newest_payments_up_to_its_capacity() {
+    let idem = Idempotency::builder().build();
+    let app = payments::app(
+        &idem,
+        Settings {
+            ledger_capacity: 3,
+            ..Settings::default()
+        },
+    );
+    let ann = create_payments(&app, "ann", 2).await;
+    let bob = create_payments(&app, "bob", 2).await;
+    // Four payments, room for three: ann's first, the oldest, is gone.
+    assert_eq!(listed_ids(&list(&app, "ann", "").await), ann[1..]);
+    assert_eq!(listed_ids(&list(&app, "bob", "").await), bob);
+    let dropped = format!("/payments/{}", ann[0]);
+    let gone = send(&app, call("GET", &dropped, Some("ann"), None, "")).await;
+    assert_app_problem(&gone, 404, "not-found");
+    let update = r#"{"description": "x"}"#;
+    let gone = send(&app, call("PATCH", &dropped, Some("ann"), None, update)).await;
+    assert_app_problem(&gone, 404, "not-found");
+    // Its record outlives it: the retry replays the 201 and charges nothing.
+    let retry = send(
+        &app,
+        pay(
+            Some("ann"),
+            Some("ann-0"),
+            r#"{"amount": 1, "currency": "EUR"}"#,
+        ),
+    )
+    .await;
+    assert_eq!(retry.status, StatusCode::CREATED);
+    assert!(retry.replayed());
+    assert_eq!(retry.json()["id"], ann[0].as_str());
+    // A cursor that was dropped is unknown.
+    let reply = list(&app, "ann", &format!("?starting_after={}", ann[0])).await;
+    assert_app_problem(&reply, 400, "invalid-starting-after");
+
+    // A flood from one user pushes everyone else's payments out, and the ledger stays at three.
+    let carol = create_payments(&app, "carol", 10).await;
+    assert_eq!(listed_ids(&list(&app, "carol", "").await), carol[7..]);
+    for user in ["ann", "bob"] {
+        assert!(listed_ids(&list(&app, user, "").await).is_empty(), "{user}");
+    }
+}
+
+#[tokio::test]
 async fn users_never_see_each_others_payments_or_records() {
     let app = app();
     let body = r#"{"amount": 7, "currency": "GBP"}"#;
@@ -328,6 +561,7 @@ async fn concurrent_retries_of_a_slow_payment_charge_once() {
         &idem,
         Settings {
             processing: Duration::from_millis(300),
+            ..Settings::default()
         },
     );
     let body = r#"{"amount": 10, "currency": "EUR"}"#;
@@ -434,4 +668,324 @@ async fn on_sigterm_the_binary_lets_a_running_payment_finish() {
         exited >= PROCESSING,
         "payments exited {exited:?} after the request, before its {PROCESSING:?} payment finished"
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// The server's timeouts and connection cap, over real TCP
+// ---------------------------------------------------------------------------------------------
+
+/// [`server::serve`] of the payments app on an ephemeral loopback port, stopped by
+/// [`TestServer::stop`].
+struct TestServer {
+    addr: SocketAddr,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl TestServer {
+    async fn start(config: ServerConfig) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(server::serve(listener, app(), config, async {
+            let _ = stopped.await;
+        }));
+        Self { addr, stop, task }
+    }
+
+    /// Stops the server and waits until it has returned.
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        within("the server to stop", self.task).await.unwrap();
+    }
+}
+
+/// Connects, writes `bytes` and reads until the server closes the connection: what it sent and
+/// how long after the write it closed.
+async fn until_cut_off(addr: SocketAddr, bytes: Vec<u8>) -> (Vec<u8>, Duration) {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(&bytes).await.unwrap();
+    read_until_closed(stream).await
+}
+
+async fn read_until_closed(mut stream: TcpStream) -> (Vec<u8>, Duration) {
+    let started = Instant::now();
+    let mut received = Vec::new();
+    let mut chunk = [0; 4096];
+    loop {
+        // A reset (the server dropped what the client had sent) ends it as well as a close.
+        match within(
+            "the server to close the connection",
+            stream.read(&mut chunk),
+        )
+        .await
+        {
+            Ok(0) | Err(_) => return (received, started.elapsed()),
+            Ok(read) => received.extend_from_slice(&chunk[..read]),
+        }
+    }
+}
+
+/// Asserts that the server closed a connection `elapsed` after the client stopped, no sooner
+/// than `timeout` (less the timer's slack) and not long after it.
+#[track_caller]
+fn assert_cut_off_by(what: &str, elapsed: Duration, timeout: Duration) {
+    assert!(
+        elapsed + Duration::from_millis(150) >= timeout,
+        "{what}: closed after {elapsed:?}, before its {timeout:?} timeout"
+    );
+    assert!(
+        elapsed <= timeout + Duration::from_secs(2),
+        "{what}: closed only after {elapsed:?} (timeout {timeout:?})"
+    );
+}
+
+/// A slowloris on a kept-alive connection: one whole request (as `loris`, who has no payment),
+/// its response, then the next request head one byte every 100 ms, so that bytes keep flowing.
+/// How long after the first response the server closed the connection.
+async fn trickled_second_head(addr: SocketAddr) -> Duration {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let head = b"GET /payments HTTP/1.1\r\nhost: 127.0.0.1\r\nauthorization: Bearer loris\r\n";
+    stream.write_all(head).await.unwrap();
+    stream.write_all(b"\r\n").await.unwrap();
+    let mut received = Vec::new();
+    let mut chunk = [0; 4096];
+    while !received.ends_with(b"\r\n\r\n[]") {
+        let read = within("the first response", stream.read(&mut chunk))
+            .await
+            .unwrap();
+        assert_ne!(read, 0, "{:?}", String::from_utf8_lossy(&received));
+        received.extend_from_slice(&chunk[..read]);
+    }
+    assert!(received.starts_with(b"HTTP/1.1 200 "));
+    let (reader, mut writer) = stream.into_split();
+    let trickle = tokio::spawn(async move {
+        for byte in head.iter().cycle() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if writer.write_all(&[*byte]).await.is_err() {
+                return;
+            }
+        }
+    });
+    let started = Instant::now();
+    let mut reader = reader;
+    loop {
+        match within(
+            "the server to close the connection",
+            reader.read(&mut chunk),
+        )
+        .await
+        {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+    }
+    trickle.abort();
+    started.elapsed()
+}
+
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let length = u32::try_from(payload.len()).unwrap().to_be_bytes();
+    let mut frame = length[1..].to_vec();
+    frame.extend([kind, flags]);
+    frame.extend(stream.to_be_bytes());
+    frame.extend_from_slice(payload);
+    frame
+}
+
+/// An HTTP/2 connection's opening (preface, empty SETTINGS) and `GET path` as ann on stream 1.
+fn h2_get(path: &str) -> Vec<u8> {
+    // HPACK: each field a literal without indexing, with a literal name, no Huffman coding.
+    let mut block = Vec::new();
+    let fields = [
+        (":method", "GET"),
+        (":scheme", "http"),
+        (":path", path),
+        (":authority", "127.0.0.1"),
+        ("authorization", "Bearer ann"),
+    ];
+    for (name, value) in fields {
+        block.push(0);
+        block.push(u8::try_from(name.len()).unwrap());
+        block.extend_from_slice(name.as_bytes());
+        block.push(u8::try_from(value.len()).unwrap());
+        block.extend_from_slice(value.as_bytes());
+    }
+    let mut bytes = H2_PREFACE.to_vec();
+    bytes.extend(h2_frame(0x4, 0, 0, &[]));
+    // HEADERS with END_STREAM and END_HEADERS.
+    bytes.extend(h2_frame(0x1, 0x5, 1, &block));
+    bytes
+}
+
+/// The first byte of the header block of each HEADERS frame the server sent on `stream`.
+fn h2_header_starts(mut bytes: &[u8], stream: u32) -> Vec<u8> {
+    let mut starts = Vec::new();
+    while bytes.len() >= 9 {
+        let length =
+            usize::from(bytes[0]) << 16 | usize::from(bytes[1]) << 8 | usize::from(bytes[2]);
+        let id = u32::from_be_bytes([bytes[5], bytes[6], bytes[7], bytes[8]]) & 0x7fff_ffff;
+        let Some(payload) = bytes.get(9..9 + length) else {
+            break;
+        };
+        if bytes[3] == 0x1 && id == stream {
+            starts.extend(payload.first());
+        }
+        bytes = &bytes[9 + length..];
+    }
+    starts
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_silent_and_idle_clients_are_cut_off_while_others_are_served() {
+    const HEADER_READ: Duration = Duration::from_millis(1000);
+    const BODY: Duration = Duration::from_millis(1000);
+    const IDLE: Duration = Duration::from_millis(1500);
+    let server = TestServer::start(
+        ServerConfig::new()
+            .header_read_timeout(HEADER_READ)
+            .request_body_timeout(BODY)
+            .idle_timeout(IDLE),
+    )
+    .await;
+    let addr = server.addr;
+    let [auth, json] = ANN_PAYS;
+
+    let silent = tokio::spawn(until_cut_off(addr, Vec::new()));
+    let half_head = tokio::spawn(until_cut_off(
+        addr,
+        b"POST /payments HTTP/1.1\r\nhost: 127.0.0.1\r\nauthorization: Bearer ann\r\n".to_vec(),
+    ));
+    let h2_preface_only = tokio::spawn(until_cut_off(addr, H2_PREFACE.to_vec()));
+    // A payment whose body stops 50 bytes short of its Content-Length.
+    let mut short = http1_request(
+        "POST",
+        "/payments",
+        &[auth, json, (IDEMPOTENCY_KEY, "short")],
+        &[b' '; 100],
+    );
+    short.truncate(short.len() - 50);
+    let short_body = tokio::spawn(until_cut_off(addr, short));
+    // Served, then kept alive without a next request.
+    let kept_alive = tokio::spawn(until_cut_off(
+        addr,
+        b"GET /payments HTTP/1.1\r\nhost: 127.0.0.1\r\nauthorization: Bearer ann\r\n\r\n".to_vec(),
+    ));
+    let h2_served = tokio::spawn(until_cut_off(addr, h2_get("/payments")));
+    let slowloris = tokio::spawn(trickled_second_head(addr));
+
+    // Meanwhile other clients are served as usual.
+    let body = br#"{"amount": 5, "currency": "EUR"}"#;
+    let pay = http1_request(
+        "POST",
+        "/payments",
+        &[auth, json, (IDEMPOTENCY_KEY, "meanwhile")],
+        body,
+    );
+    let created = raw_exchange(addr, &pay).await;
+    assert_eq!(created.status, StatusCode::CREATED, "{created:?}");
+    let listed = raw_exchange(addr, &http1_request("GET", "/payments", &[auth], b"")).await;
+    assert_eq!(listed.json(), serde_json::json!([created.json()]));
+    for (what, client) in [
+        ("silent", &silent),
+        ("half a head", &half_head),
+        ("HTTP/2 preface only", &h2_preface_only),
+        ("short body", &short_body),
+    ] {
+        assert!(
+            !client.is_finished(),
+            "{what}: cut off before the other clients were served"
+        );
+    }
+
+    let (received, elapsed) = silent.await.unwrap();
+    assert!(received.is_empty());
+    assert_cut_off_by("silent", elapsed, HEADER_READ);
+    let (received, elapsed) = half_head.await.unwrap();
+    assert!(
+        received.is_empty(),
+        "{:?}",
+        String::from_utf8_lossy(&received)
+    );
+    assert_cut_off_by("half a head", elapsed, HEADER_READ);
+    let (_, elapsed) = h2_preface_only.await.unwrap();
+    assert_cut_off_by("HTTP/2 preface only", elapsed, HEADER_READ);
+    // The body that never completes is refused, and nothing was charged.
+    let (received, elapsed) = short_body.await.unwrap();
+    assert!(
+        received.starts_with(b"HTTP/1.1 400 "),
+        "{:?}",
+        String::from_utf8_lossy(&received)
+    );
+    assert_cut_off_by("short body", elapsed, BODY);
+    // A kept-alive HTTP/1.1 connection gets the header read timeout for its next request.
+    let (received, elapsed) = kept_alive.await.unwrap();
+    assert!(received.starts_with(b"HTTP/1.1 200 "));
+    assert_cut_off_by("kept alive", elapsed, HEADER_READ);
+    // Bytes that keep trickling do not stretch the header read timeout.
+    let elapsed = slowloris.await.unwrap();
+    assert_cut_off_by("a trickled second head", elapsed, HEADER_READ);
+    // An HTTP/2 connection idle after its request gets the idle timeout.
+    let (received, elapsed) = h2_served.await.unwrap();
+    // 0x88: HPACK's indexed `:status: 200`.
+    assert_eq!(h2_header_starts(&received, 1), [0x88], "{received:?}");
+    assert_cut_off_by("HTTP/2 after its request", elapsed, IDLE);
+
+    let listed = raw_exchange(addr, &http1_request("GET", "/payments", &[auth], b"")).await;
+    assert_eq!(
+        listed.json().as_array().map(Vec::len),
+        Some(1),
+        "only the complete payment exists"
+    );
+    // The key of the body cut short stayed free.
+    let retried = raw_exchange(
+        addr,
+        &http1_request(
+            "POST",
+            "/payments",
+            &[auth, json, (IDEMPOTENCY_KEY, "short")],
+            body,
+        ),
+    )
+    .await;
+    assert_eq!(retried.status, StatusCode::CREATED, "{retried:?}");
+    assert!(!retried.replayed());
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_the_connection_cap_new_connections_wait_for_a_free_slot() {
+    const HEADER_READ: Duration = Duration::from_millis(1000);
+    let server = TestServer::start(
+        ServerConfig::new()
+            .max_connections(2)
+            .header_read_timeout(HEADER_READ),
+    )
+    .await;
+    let addr = server.addr;
+    // Two silent connections take both slots (they connect first, so they are accepted first).
+    let first = TcpStream::connect(addr).await.unwrap();
+    let second = TcpStream::connect(addr).await.unwrap();
+    let silent = [
+        tokio::spawn(read_until_closed(first)),
+        tokio::spawn(read_until_closed(second)),
+    ];
+    // A third client is served only once the header read timeout has freed a slot.
+    let started = Instant::now();
+    let [auth, _] = ANN_PAYS;
+    let listed = raw_exchange(addr, &http1_request("GET", "/payments", &[auth], b"")).await;
+    let waited = started.elapsed();
+    assert_eq!(listed.status, StatusCode::OK);
+    assert!(
+        waited + Duration::from_millis(150) >= HEADER_READ,
+        "served after {waited:?}: the cap of 2 did not hold it back"
+    );
+    for client in silent {
+        let (received, elapsed) = within("a silent client", client).await.unwrap();
+        assert!(received.is_empty());
+        assert_cut_off_by("silent", elapsed, HEADER_READ);
+    }
+    server.stop().await;
 }
