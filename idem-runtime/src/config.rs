@@ -26,6 +26,7 @@ use http::HeaderName;
 use tokio_util::task::TaskTracker;
 use tokio_util::task::task_tracker::TrackedFuture;
 
+use crate::key::IDEMPOTENCY_KEY;
 use crate::outage::OutageLog;
 use crate::problem::{self, JsonProblems, Problem, RenderProblem};
 use crate::record::DEFAULT_REPLAYED_HEADERS;
@@ -51,6 +52,8 @@ struct Runtime {
     problems: Box<dyn RenderProblem>,
     tasks: TaskTracker,
     fail_open: bool,
+    key_header: HeaderName,
+    request_id_header: Option<HeaderName>,
     max_detached: usize,
     /// Attempts running in a task of their own because their request was dropped.
     detached: AtomicUsize,
@@ -113,6 +116,17 @@ impl Idempotency {
     /// The response headers recorded and replayed.
     pub(crate) fn replayed_headers(&self) -> &[HeaderName] {
         &self.inner.replayed_headers
+    }
+
+    /// The request header that carries the key.
+    pub(crate) fn key_header(&self) -> &HeaderName {
+        &self.inner.key_header
+    }
+
+    /// The request header whose value is recorded with a result and sent back on its replays as
+    /// `Original-Request`.
+    pub(crate) fn request_id_header(&self) -> Option<&HeaderName> {
+        self.inner.request_id_header.as_ref()
     }
 
     /// Whether a handler runs unprotected when the store cannot be reached.
@@ -183,6 +197,8 @@ pub struct IdempotencyBuilder {
     problems: Option<Box<dyn RenderProblem>>,
     problem_base: Option<String>,
     fail_open: bool,
+    key_header: HeaderName,
+    request_id_header: Option<HeaderName>,
     max_detached: usize,
 }
 
@@ -197,6 +213,8 @@ impl Default for IdempotencyBuilder {
             problems: None,
             problem_base: None,
             fail_open: false,
+            key_header: IDEMPOTENCY_KEY.clone(),
+            request_id_header: None,
             max_detached: Self::DEFAULT_MAX_DETACHED,
         }
     }
@@ -281,6 +299,22 @@ impl IdempotencyBuilder {
         self
     }
 
+    /// The request header that carries the key, for clients that send another name (some APIs
+    /// use `X-Idempotency-Key`). Both forms, the attribute and the router-wide layer, read it.
+    /// Default: `Idempotency-Key`.
+    pub fn key_header(mut self, name: HeaderName) -> Self {
+        self.key_header = name;
+        self
+    }
+
+    /// A request header (for example `X-Request-Id`) whose value is recorded with each result and
+    /// sent back on its replays as `Original-Request: <value>`, so that a replay can be traced to
+    /// the request that produced it. The first response does not carry it. Default: none.
+    pub fn request_id_header(mut self, name: HeaderName) -> Self {
+        self.request_id_header = Some(name);
+        self
+    }
+
     /// The most handlers that may run detached from their requests at once.
     ///
     /// A handler whose client goes away (or whose request the server times out) is not cancelled:
@@ -315,6 +349,8 @@ impl IdempotencyBuilder {
                 problems,
                 tasks: TaskTracker::new(),
                 fail_open: self.fail_open,
+                key_header: self.key_header,
+                request_id_header: self.request_id_header,
                 max_detached: self.max_detached,
                 detached: AtomicUsize::new(0),
                 outage: OutageLog::default(),
@@ -348,6 +384,25 @@ impl StorePolicy {
             Self::NonServerError => {
                 !status.is_server_error() && !matches!(status.as_u16(), 408 | 425 | 429)
             }
+        }
+    }
+}
+
+/// The settings of one route as the executor holds them: the macro's `static`, or the copy a
+/// router-wide policy shares between its requests.
+#[derive(Debug, Clone)]
+pub(crate) enum RouteRef {
+    Static(&'static RouteConfig),
+    Shared(Arc<RouteConfig>),
+}
+
+impl std::ops::Deref for RouteRef {
+    type Target = RouteConfig;
+
+    fn deref(&self) -> &RouteConfig {
+        match self {
+            Self::Static(route) => route,
+            Self::Shared(route) => route,
         }
     }
 }

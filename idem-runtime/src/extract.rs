@@ -27,6 +27,7 @@ use std::marker::PhantomData;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
 
 use axum::RequestExt;
 use axum::body::{Body, Bytes};
@@ -37,8 +38,9 @@ use http::request::Parts;
 use http_body_util::BodyExt;
 
 use crate::config::Idempotency;
-use crate::fingerprint::Fingerprint;
+use crate::fingerprint::{Fingerprint, RecordKey};
 use crate::key::IdempotencyKey;
+use crate::store::OwnerToken;
 use crate::problem::{Problem, ProblemKind};
 
 /// The wrapper `#[idempotent]` puts around a handler's last extractor `T`.
@@ -109,6 +111,92 @@ pub(crate) struct Keyed {
     pub(crate) key: IdempotencyKey,
     pub(crate) fingerprint: Fingerprint,
     pub(crate) context: Option<Arc<ContextState>>,
+    /// The claim an outer router-wide layer made for this request, if any.
+    pub(crate) claim: Option<Arc<LayerClaim>>,
+    pub(crate) method: Method,
+    pub(crate) matched: Option<MatchedPath>,
+    /// The value of the runtime's request-id header, recorded with the result.
+    pub(crate) request_id: Option<http::HeaderValue>,
+}
+
+/// A record an outer router-wide layer acquired for this request before routing it on, offered to
+/// the route's own idempotency (the attribute, or an inner layer's policy). That participant takes
+/// it: it adopts the claim when its own record key and fingerprint are the claim's, and otherwise
+/// releases it and claims its own record; either way the layer then only passes the response on.
+/// The participant also tells the layer that the route has idempotency of its own, so that the
+/// layer leaves the route's later requests to it.
+#[derive(Debug)]
+pub(crate) struct LayerClaim {
+    pub(crate) record: RecordKey,
+    pub(crate) fingerprint: Fingerprint,
+    pub(crate) owner: OwnerToken,
+    pub(crate) epoch: u64,
+    /// When the lease was asked for, and how long it lasts from each renewal.
+    pub(crate) leased_at: tokio::time::Instant,
+    pub(crate) lease: Duration,
+    taken: AtomicBool,
+    /// The routes (method, matched path) that the layer leaves to their own idempotency.
+    participants: Arc<Participants>,
+}
+
+impl LayerClaim {
+    pub(crate) fn new(
+        record: RecordKey,
+        fingerprint: Fingerprint,
+        owner: OwnerToken,
+        epoch: u64,
+        leased_at: tokio::time::Instant,
+        lease: Duration,
+        participants: Arc<Participants>,
+    ) -> Self {
+        Self {
+            record,
+            fingerprint,
+            owner,
+            epoch,
+            leased_at,
+            lease,
+            taken: AtomicBool::new(false),
+            participants,
+        }
+    }
+
+    /// Marks the claim as taken by the route's own idempotency, which registers `route`.
+    pub(crate) fn take(&self, method: &Method, route: Option<&str>) {
+        self.taken.store(true, Ordering::Release);
+        if let Some(route) = route {
+            self.participants.insert(method, route);
+        }
+    }
+
+    /// Whether the route's own idempotency took the claim (the layer then records nothing).
+    pub(crate) fn is_taken(&self) -> bool {
+        self.taken.load(Ordering::Acquire)
+    }
+}
+
+/// The routes a router-wide layer has seen handled by idempotency of their own.
+#[derive(Debug, Default)]
+pub(crate) struct Participants(std::sync::RwLock<std::collections::HashSet<(Method, Box<str>)>>);
+
+impl Participants {
+    pub(crate) fn contains(&self, method: &Method, route: &str) -> bool {
+        let routes = self.0.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        // Looked up without allocating: the set is small and read on every covered request.
+        routes
+            .iter()
+            .any(|(known, path)| known == method && &**path == route)
+    }
+
+    fn insert(&self, method: &Method, route: &str) {
+        if self.contains(method, route) {
+            return;
+        }
+        self.0
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert((method.clone(), route.into()));
+    }
 }
 
 /// The marker that keeps [`Idempotent`]'s `FromRequest` impl apart from axum's.
@@ -130,64 +218,106 @@ where
         let Some(runtime) = request.extensions_mut().remove::<Idempotency>() else {
             return Err(not_configured(&request));
         };
-        let deferred = |request: Request| -> Extraction<T> {
-            let state = state.clone();
-            Box::new(move || Box::pin(whole(request, state)))
-        };
-        if is_safe(request.method()) {
-            return Ok(Self {
-                request: IdempotentRequest { mode: Mode::Bypass },
-                extraction: deferred(request),
-            });
-        }
-        let key = match IdempotencyKey::from_headers(request.headers()) {
-            Ok(Some(key)) => key,
-            Ok(None) => {
-                return Ok(Self {
-                    request: IdempotentRequest {
-                        mode: Mode::NoKey(runtime),
-                    },
-                    extraction: deferred(request),
-                });
-            }
-            Err(error) => {
-                tracing::debug!(%error, outcome = "rejected", "invalid Idempotency-Key");
-                let problem = Problem::new(ProblemKind::KeyInvalid, error.to_string());
-                return Err(runtime.problem_response(&problem));
-            }
-        };
-
-        let declared = http_body::Body::size_hint(request.body()).lower();
-        let (mut parts, body) = request.with_limited_body().into_parts();
-        // A declared length over the limit is refused now, not after waiting for bytes that a
-        // hostile client may never send.
-        if http_body::Body::size_hint(&body)
-            .upper()
-            .is_some_and(|limit| declared > limit)
-        {
-            return Err(runtime.problem_response(&Problem::of(ProblemKind::PayloadTooLarge)));
-        }
-        let bytes = match body.collect().await {
-            Ok(collected) => collected.to_bytes(),
-            Err(error) => return Err(runtime.problem_response(&body_error(&error))),
-        };
-        let context = parts.extensions.remove::<Arc<ContextState>>();
-        let fingerprint = fingerprint(&parts, &bytes);
-        let keyed = Keyed {
-            runtime,
-            key,
-            fingerprint,
-            context,
-        };
         let state = state.clone();
-        Ok(Self {
-            request: IdempotentRequest {
-                mode: Mode::Keyed(keyed),
-            },
+        let (mode, extraction): (Mode, Extraction<T>) = match read(runtime, request).await? {
+            Read::Bypass(request) => (
+                Mode::Bypass,
+                Box::new(move || Box::pin(whole(request, state))),
+            ),
+            Read::NoKey(runtime, request) => (
+                Mode::NoKey(runtime),
+                Box::new(move || Box::pin(whole(request, state))),
+            ),
             // The request is rebuilt only if `T` runs: a replay never needs it.
-            extraction: Box::new(move || Box::pin(buffered(parts, bytes, state))),
+            Read::Keyed(keyed, parts, bytes) => (
+                Mode::Keyed(keyed),
+                Box::new(move || Box::pin(buffered(parts, bytes, state))),
+            ),
+        };
+        Ok(Self {
+            request: IdempotentRequest { mode },
+            extraction,
         })
     }
+}
+
+/// A request as idem reads it, before anything runs.
+pub(crate) enum Read {
+    /// A safe method: idempotency does not apply; the request is untouched.
+    Bypass(Request),
+    /// No key; the request is untouched.
+    NoKey(Idempotency, Request),
+    /// A valid key: the body was buffered and the request fingerprinted. The parts and the bytes
+    /// rebuild the request.
+    Keyed(Keyed, Parts, Bytes),
+}
+
+/// Reads the key (a malformed one is a `400` problem), then, for a keyed request, buffers the body
+/// within axum's body limit (`413` or `400` problems) and fingerprints the request. Shared by the
+/// attribute's wrapper and the router-wide layer, so both forms see a request the same way.
+pub(crate) async fn read(runtime: Idempotency, request: Request) -> Result<Read, Response> {
+    if is_safe(request.method()) {
+        return Ok(Read::Bypass(request));
+    }
+    match read_key(&runtime, &request)? {
+        None => Ok(Read::NoKey(runtime, request)),
+        Some(key) => {
+            let (keyed, parts, bytes) = read_body(runtime, key, request).await?;
+            Ok(Read::Keyed(keyed, parts, bytes))
+        }
+    }
+}
+
+/// The request's key, `None` without one; a malformed key is a `400` problem.
+pub(crate) fn read_key(
+    runtime: &Idempotency,
+    request: &Request,
+) -> Result<Option<IdempotencyKey>, Response> {
+    IdempotencyKey::from_header(request.headers(), runtime.key_header()).map_err(|error| {
+        tracing::debug!(%error, outcome = "rejected", "invalid Idempotency-Key");
+        let problem = Problem::new(ProblemKind::KeyInvalid, error.to_string());
+        runtime.problem_response(&problem)
+    })
+}
+
+/// Buffers the body of a keyed request and fingerprints it.
+pub(crate) async fn read_body(
+    runtime: Idempotency,
+    key: IdempotencyKey,
+    request: Request,
+) -> Result<(Keyed, Parts, Bytes), Response> {
+    let declared = http_body::Body::size_hint(request.body()).lower();
+    let (mut parts, body) = request.with_limited_body().into_parts();
+    // A declared length over the limit is refused now, not after waiting for bytes that a
+    // hostile client may never send.
+    if http_body::Body::size_hint(&body)
+        .upper()
+        .is_some_and(|limit| declared > limit)
+    {
+        return Err(runtime.problem_response(&Problem::of(ProblemKind::PayloadTooLarge)));
+    }
+    let bytes = match body.collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(error) => return Err(runtime.problem_response(&body_error(&error))),
+    };
+    let context = parts.extensions.remove::<Arc<ContextState>>();
+    let claim = parts.extensions.remove::<Arc<LayerClaim>>();
+    let fingerprint = fingerprint(&parts, &bytes);
+    let request_id = runtime
+        .request_id_header()
+        .and_then(|name| parts.headers.get(name))
+        .cloned();
+    let keyed = Keyed {
+        method: parts.method.clone(),
+        matched: parts.extensions.get::<MatchedPath>().cloned(),
+        request_id,
+        runtime,
+        key,
+        fingerprint,
+        context,
+        claim,
+    };
+    Ok((keyed, parts, bytes))
 }
 
 /// Extracts `T` from a request as it came.
@@ -288,6 +418,12 @@ pub(crate) struct ContextState {
 }
 
 impl ContextState {
+    /// A context for an execution the router-wide layer runs: the handler's
+    /// [`IdempotencyContext`] finds it in the request's extensions.
+    pub(crate) fn shared() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
     pub(crate) fn enter(&self, key: &IdempotencyKey, epoch: u64) {
         let _ = self.key.set(key.clone());
         self.epoch.store(epoch, Ordering::Release);
@@ -328,8 +464,16 @@ impl<S: Send + Sync> FromRequestParts<S> for IdempotencyContext {
     type Rejection = std::convert::Infallible;
 
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
-        let state = Arc::new(ContextState::default());
-        parts.extensions.insert(Arc::clone(&state));
+        // A router-wide layer put one there for its own execution; otherwise the wrapper finds
+        // this one.
+        let state = match parts.extensions.get::<Arc<ContextState>>() {
+            Some(state) => Arc::clone(state),
+            None => {
+                let state = Arc::new(ContextState::default());
+                parts.extensions.insert(Arc::clone(&state));
+                state
+            }
+        };
         Ok(Self { state })
     }
 }

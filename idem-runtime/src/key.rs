@@ -66,7 +66,14 @@ pub enum KeyError {
 impl IdempotencyKey {
     /// Reads the key from request headers: `Ok(None)` when the header is absent.
     pub fn from_headers(headers: &HeaderMap) -> Result<Option<Self>, KeyError> {
-        let mut values = headers.get_all(&IDEMPOTENCY_KEY).iter();
+        Self::from_header(headers, &IDEMPOTENCY_KEY)
+    }
+
+    /// Reads the key from the header `name` (for services that configured another name than
+    /// `Idempotency-Key`): `Ok(None)` when it is absent, [`KeyError::Repeated`] when it is there
+    /// twice.
+    pub fn from_header(headers: &HeaderMap, name: &HeaderName) -> Result<Option<Self>, KeyError> {
+        let mut values = headers.get_all(name).iter();
         let Some(value) = values.next() else {
             return Ok(None);
         };

@@ -56,7 +56,7 @@ pub use config::{Idempotency, IdempotencyBuilder, RouteConfig, StorePolicy};
 pub use executor::{execute, execute_extracted};
 pub use extract::{IdempotencyContext, Idempotent, IdempotentRequest};
 pub use fingerprint::{Scope, scope};
-pub use layer::IdempotencyLayer;
+pub use layer::{IdempotencyLayer, Policy};
 pub use store::{MemoryStore, Store};
 
 #[cfg(feature = "macros")]

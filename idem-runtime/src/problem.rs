@@ -58,6 +58,9 @@ pub enum ProblemKind {
     PayloadTooLarge,
     /// 400: the request body could not be read (the client sent a malformed or truncated body).
     BodyUnreadable,
+    /// 500: a router-wide policy could not produce the request's scope (see
+    /// [`Policy::scope_with`](crate::Policy::scope_with)); nothing ran.
+    ScopeUnavailable,
     /// 503: too many handlers are still running for clients that went away; the handler did not
     /// run (see [`IdempotencyBuilder::max_detached`](crate::IdempotencyBuilder::max_detached)).
     TooManyDetached,
@@ -78,6 +81,7 @@ impl ProblemKind {
             Self::PayloadTooLarge => "payload-too-large",
             Self::BodyUnreadable => "request-body-unreadable",
             Self::TooManyDetached => "too-many-detached-handlers",
+            Self::ScopeUnavailable => "idempotency-scope-unavailable",
         }
     }
 
@@ -88,7 +92,9 @@ impl ProblemKind {
             Self::KeyReused => StatusCode::UNPROCESSABLE_ENTITY,
             Self::RequestInProgress | Self::ResultUnavailable => StatusCode::CONFLICT,
             Self::StoreUnavailable | Self::TooManyDetached => StatusCode::SERVICE_UNAVAILABLE,
-            Self::HandlerPanicked | Self::NotConfigured => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::HandlerPanicked | Self::NotConfigured | Self::ScopeUnavailable => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
         }
     }
@@ -107,6 +113,7 @@ impl ProblemKind {
             Self::PayloadTooLarge => "Request body too large",
             Self::BodyUnreadable => "Request body unreadable",
             Self::TooManyDetached => "Too many requests still running",
+            Self::ScopeUnavailable => "Idempotency scope unavailable",
         }
     }
 }
@@ -142,6 +149,9 @@ impl ProblemKind {
             }
             Self::TooManyDetached => {
                 "the server is finishing too many requests whose clients went away; the request was not processed, retry later"
+            }
+            Self::ScopeUnavailable => {
+                "the server could not tell whose key this is; the request was not processed"
             }
         }
     }

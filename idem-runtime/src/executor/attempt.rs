@@ -44,6 +44,13 @@ impl Attempt {
         let Self { lease, handler } = self;
         let handler = AssertUnwindSafe(handler).catch_unwind();
         let outcome = lease.hold_while(handler).await;
+        if lease.is_handed_off() {
+            // The route's own idempotency took the record over and answered for it.
+            return match outcome {
+                Ok(response) => response,
+                Err(_) => respond::handler_panicked(&lease.runtime),
+            };
+        }
         let Ok(response) = outcome else {
             tracing::error!("the idempotent handler panicked; its key is released");
             lease.release().await;
@@ -57,7 +64,7 @@ impl Attempt {
             lease.release().await;
             return response;
         }
-        match respond::capture(&lease.runtime, lease.route, response).await {
+        match respond::capture(&lease, response).await {
             Captured::Recordable(result, response) => {
                 lease.complete(result).await;
                 response

@@ -1,14 +1,16 @@
 //! Claiming the record: the acquire, and what each answer leads to.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::response::Response;
 
 use super::attempt::Attempt;
 use super::lease::{Lease, abandon};
-use super::{Running, outcome, respond};
-use crate::config::RouteConfig;
-use crate::extract::Keyed;
+use super::{Work, outcome, respond};
+use crate::config::RouteRef;
+use crate::extract::{Keyed, LayerClaim};
+use crate::key::IdempotencyKey;
 use crate::fingerprint::RecordKey;
 use crate::outage::Failure;
 use crate::store::{AcquireRequest, Acquired, OwnerToken};
@@ -24,15 +26,32 @@ const MAX_WAIT_PAUSE: Duration = Duration::from_millis(100);
 pub(super) async fn run(
     keyed: Keyed,
     record: RecordKey,
-    route: &'static RouteConfig,
-    handler: Running,
+    route: RouteRef,
+    work: Work,
+    adopted: Option<Arc<LayerClaim>>,
 ) -> Response {
     let runtime = keyed.runtime;
+    if let Some(claim) = adopted {
+        // An outer layer holds this very record for this request: carry on with its lease.
+        let lease = Lease {
+            runtime,
+            route,
+            record,
+            owner: claim.owner,
+            fingerprint: keyed.fingerprint,
+            duration: claim.lease,
+            leased_at: claim.leased_at,
+            context: keyed.context,
+            request_id: keyed.request_id,
+            handed_off: None,
+        };
+        return own(lease, &keyed.key, claim.epoch, work).await;
+    }
     if runtime.detached_at_bound() {
         return respond::too_many_detached(&runtime);
     }
     let owner = OwnerToken::generate();
-    let lease = runtime.lease_for(route);
+    let lease = runtime.lease_for(&route);
     let wait_until = route.wait.map(|wait| Instant::now() + wait);
     let mut pause = FIRST_WAIT_PAUSE;
     let (epoch, leased_at) = loop {
@@ -67,16 +86,15 @@ pub(super) async fn run(
                 }
                 outcome("unprotected");
                 runtime.outage().failure(Failure::Unprotected, &error);
+                let handler = match work {
+                    Work::Ready(handler) => handler,
+                    Work::Deferred { call, .. } => call(None),
+                };
                 return respond::unprotected(handler.await);
             }
         }
     };
 
-    outcome("executed");
-    tracing::Span::current().record("epoch", epoch);
-    if let Some(context) = &keyed.context {
-        context.enter(&keyed.key, epoch);
-    }
     let lease = Lease {
         runtime,
         route,
@@ -86,6 +104,36 @@ pub(super) async fn run(
         duration: lease,
         leased_at,
         context: keyed.context,
+        request_id: keyed.request_id,
+        handed_off: None,
+    };
+    own(lease, &keyed.key, epoch, work).await
+}
+
+/// Runs the work as the record's owner: to the end whatever happens to the request, then records
+/// or releases its response. A layer's stack is handed the claim, for the route's own
+/// idempotency to take.
+async fn own(mut lease: Lease, key: &IdempotencyKey, epoch: u64, work: Work) -> Response {
+    outcome("executed");
+    tracing::Span::current().record("epoch", epoch);
+    if let Some(context) = &lease.context {
+        context.enter(key, epoch);
+    }
+    let handler = match work {
+        Work::Ready(handler) => handler,
+        Work::Deferred { call, participants } => {
+            let claim = Arc::new(LayerClaim::new(
+                lease.record,
+                lease.fingerprint,
+                lease.owner,
+                epoch,
+                lease.leased_at,
+                lease.duration,
+                participants,
+            ));
+            lease.handed_off = Some(Arc::clone(&claim));
+            call(Some(claim))
+        }
     };
     Attempt::new(lease, handler).run_to_completion().await
 }

@@ -6,8 +6,10 @@ use std::time::{Duration, Instant};
 
 use tracing::Instrument as _;
 
-use crate::config::{Idempotency, RouteConfig};
-use crate::extract::ContextState;
+use http::HeaderValue;
+
+use crate::config::{Idempotency, RouteRef};
+use crate::extract::{ContextState, LayerClaim};
 use crate::fingerprint::{Fingerprint, RecordKey};
 use crate::record::RecordedResult;
 use crate::store::{CompleteRequest, OwnerToken, ReleaseRequest, RenewRequest, StoreError};
@@ -22,7 +24,7 @@ const MAX_COMPLETE_PAUSE: Duration = Duration::from_secs(1);
 #[derive(Clone)]
 pub(super) struct Lease {
     pub(super) runtime: Idempotency,
-    pub(super) route: &'static RouteConfig,
+    pub(super) route: RouteRef,
     pub(super) record: RecordKey,
     pub(super) owner: OwnerToken,
     pub(super) fingerprint: Fingerprint,
@@ -31,6 +33,11 @@ pub(super) struct Lease {
     /// When the lease was asked for: it lasts `duration` from then unless renewed.
     pub(super) leased_at: tokio::time::Instant,
     pub(super) context: Option<Arc<ContextState>>,
+    /// The request's id (the runtime's request-id header), recorded with the result.
+    pub(super) request_id: Option<HeaderValue>,
+    /// The claim this lease's holder, a router-wide layer, handed to the route's own idempotency:
+    /// once that takes it, this holder neither renews, records nor releases.
+    pub(super) handed_off: Option<Arc<LayerClaim>>,
 }
 
 impl Lease {
@@ -66,6 +73,9 @@ impl Lease {
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             ticks.tick().await;
+            if self.is_handed_off() {
+                return;
+            }
             if Instant::now() >= give_up_at {
                 tracing::warn!("handler ran past max_run_time: its lease is no longer renewed");
                 tokio::time::sleep_until(lease_until).await;
@@ -154,6 +164,11 @@ impl Lease {
         if let Err(error) = self.runtime.store().release(release).await {
             tracing::warn!(%error, "releasing the key failed; it frees itself when the lease expires");
         }
+    }
+
+    /// Whether the route's own idempotency took this lease's claim.
+    pub(super) fn is_handed_off(&self) -> bool {
+        self.handed_off.as_ref().is_some_and(|claim| claim.is_taken())
     }
 
     fn lose(&self) {

@@ -25,7 +25,8 @@
 //!
 //! The pieces, in the order a request meets them:
 //!
-//! * this module: what can be answered at once (a missing key, a replay from process memory);
+//! * this module: what can be answered at once (a missing key, a replay from process memory), for
+//!   the attribute ([`execute`]) and the router-wide layer alike;
 //! * `claim`: asking the store for the record, waiting out a duplicate in flight if the route says so;
 //! * `attempt`: running the handler that owns the record to the end, even if its client goes away,
 //!   and recording or releasing its response;
@@ -40,15 +41,18 @@ mod respond;
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 
+use axum::extract::MatchedPath;
 use axum::response::{IntoResponse, Response};
 use tracing::{Instrument as _, field};
 
-pub use self::respond::{IDEMPOTENT_REPLAYED, IDEMPOTENT_UNPROTECTED};
-use crate::config::RouteConfig;
-use crate::extract::{Idempotent, IdempotentRequest, Keyed, Mode};
+pub use self::respond::{IDEMPOTENT_REPLAYED, IDEMPOTENT_UNPROTECTED, ORIGINAL_REQUEST};
+use crate::config::{RouteConfig, RouteRef};
+use crate::extract::{Idempotent, IdempotentRequest, Keyed, LayerClaim, Mode, Participants};
 use crate::fingerprint::{RecordKey, Scope};
 use crate::problem::{Problem, ProblemKind};
+use crate::store::ReleaseRequest;
 
 /// Runs one request of an `#[idempotent]` route: `handler` is called with the wrapped extractor's
 /// `T` only if the request is to run.
@@ -65,6 +69,9 @@ use crate::problem::{Problem, ProblemKind};
 ///   that owns the record runs `handler` to the end even if its client disconnects (what is left of
 ///   it then moves to a task of its own), and records the response according to the route's
 ///   [`StorePolicy`](crate::StorePolicy).
+///
+/// Under a router-wide layer that already claimed the request's record, the attribute's settings
+/// win: the claim is adopted when the attribute names the same record, and given back otherwise.
 pub fn execute<T, H, F, R>(
     request: Idempotent<T>,
     route: &'static RouteConfig,
@@ -78,16 +85,19 @@ where
     R: IntoResponse + 'static,
 {
     let (request, extraction) = request.into_deferred();
-    let settled = settle(request, route, &scope);
+    let settled = settle(request, RouteRef::Static(route), route.handler, &scope);
     async move {
         let pending = match settled {
             Settled::Answered(response) => return response,
             Settled::Pending(pending) => pending,
         };
         match extraction().await {
-            Ok(argument) => pending.finish(route, boxed(handler(argument))).await,
+            Ok(argument) => pending.finish(Work::Ready(boxed(handler(argument)))).await,
             // The extractor's rejection: nothing ran, no record was asked for.
-            Err(rejection) => rejection,
+            Err(rejection) => {
+                pending.give_back().await;
+                rejection
+            }
         }
     }
 }
@@ -105,18 +115,46 @@ where
     F: Future<Output = R> + Send + 'static,
     R: IntoResponse + 'static,
 {
-    let settled = settle(request, route, &scope);
+    let settled = settle(request, RouteRef::Static(route), route.handler, &scope);
     async move {
         match settled {
             Settled::Answered(response) => response,
-            Settled::Pending(pending) => pending.finish(route, boxed(handler)).await,
+            Settled::Pending(pending) => pending.finish(Work::Ready(boxed(handler))).await,
         }
     }
 }
 
+/// The router-wide layer's entry: like [`execute`], where the handler is the rest of the service
+/// stack, called with the claim the layer made (if it made one) so that the route's own
+/// idempotency can take it.
+pub(crate) fn execute_layered(
+    request: IdempotentRequest,
+    route: RouteRef,
+    label: &str,
+    scope: &Scope,
+    participants: Arc<Participants>,
+    call: LayerCall,
+) -> impl Future<Output = Response> + Send + use<> {
+    let settled = settle(request, route, label, scope);
+    async move {
+        match settled {
+            Settled::Answered(response) => response,
+            Settled::Pending(pending) => {
+                pending
+                    .finish(Work::Deferred { call, participants })
+                    .await
+            }
+        }
+    }
+}
+
+/// The rest of a router-wide layer's stack, to be called with the layer's claim (none when the
+/// request runs without a record).
+pub(crate) type LayerCall = Box<dyn FnOnce(Option<Arc<LayerClaim>>) -> Running + Send>;
+
 /// The handler, its argument extracted: boxed, so that everything past this point is compiled
 /// once and holds no handler types.
-type Running = Pin<Box<dyn Future<Output = Response> + Send>>;
+pub(crate) type Running = Pin<Box<dyn Future<Output = Response> + Send>>;
 
 fn boxed<F, R>(handler: F) -> Running
 where
@@ -124,6 +162,18 @@ where
     R: IntoResponse + 'static,
 {
     Box::pin(async move { handler.await.into_response() })
+}
+
+/// What runs once the record is owned.
+enum Work {
+    /// The handler, ready.
+    Ready(Running),
+    /// The rest of a router-wide layer's stack, told of the layer's claim; `participants` is where
+    /// the route's own idempotency registers when it takes the claim.
+    Deferred {
+        call: LayerCall,
+        participants: Arc<Participants>,
+    },
 }
 
 /// What can be decided about a request without waiting.
@@ -139,44 +189,61 @@ enum Pending {
     Keyed {
         keyed: Keyed,
         record: RecordKey,
+        route: RouteRef,
         span: tracing::Span,
+        /// An outer layer's claim on this very record, adopted instead of acquiring.
+        adopted: Option<Arc<LayerClaim>>,
     },
 }
 
 /// Answers what needs no waiting: a missing key, and a completed record held in process memory
-/// (the handler's extractor never runs for it, so such a replay does not parse the body).
-fn settle(request: IdempotentRequest, route: &'static RouteConfig, scope: &Scope) -> Settled {
+/// (the handler's extractor never runs for it, so such a replay does not parse the body). An outer
+/// layer's claim is taken here: adopted if it names this request's record, given back otherwise.
+fn settle(request: IdempotentRequest, route: RouteRef, label: &str, scope: &Scope) -> Settled {
     match request.mode {
         Mode::NoKey(runtime) if route.required => {
-            tracing::debug!(
-                route = route.handler,
-                outcome = "rejected",
-                "idempotency key missing"
-            );
+            tracing::debug!(route = label, outcome = "rejected", "idempotency key missing");
             let problem = Problem::of(ProblemKind::KeyMissing);
             Settled::Answered(runtime.problem_response(&problem))
         }
         Mode::Bypass | Mode::NoKey(_) => Settled::Pending(Pending::Plain),
-        Mode::Keyed(keyed) => {
+        Mode::Keyed(mut keyed) => {
             let record = RecordKey::new(scope, &keyed.key);
             let span = tracing::debug_span!(
                 "idempotency",
-                route = route.handler,
+                route = label,
                 key = %record.short(),
                 outcome = field::Empty,
                 epoch = field::Empty,
             );
-            match keyed.runtime.store().cached(&record, &keyed.fingerprint) {
-                Some(answer) => {
-                    let response = span.in_scope(|| respond::cached(&keyed.runtime, answer));
-                    Settled::Answered(response)
+            let adopted = keyed.claim.take().and_then(|claim| {
+                claim.take(&keyed.method, keyed.matched.as_ref().map(MatchedPath::as_str));
+                if claim.record == record && claim.fingerprint == keyed.fingerprint {
+                    return Some(claim);
                 }
-                None => Settled::Pending(Pending::Keyed {
-                    keyed,
-                    record,
-                    span,
-                }),
+                // Another record: give the layer's claim back, then claim this one as usual.
+                let store = Arc::clone(keyed.runtime.store());
+                keyed.runtime.spawn(async move {
+                    let release = ReleaseRequest::new(&claim.record, claim.owner);
+                    if let Err(error) = store.release(release).await {
+                        tracing::debug!(%error, "giving back a router-wide claim failed; its lease will expire");
+                    }
+                });
+                None
+            });
+            if adopted.is_none()
+                && let Some(answer) = keyed.runtime.store().cached(&record, &keyed.fingerprint)
+            {
+                let response = span.in_scope(|| respond::cached(&keyed.runtime, answer));
+                return Settled::Answered(response);
             }
+            Settled::Pending(Pending::Keyed {
+                keyed,
+                record,
+                route,
+                span,
+                adopted,
+            })
         }
     }
 }
@@ -184,17 +251,38 @@ fn settle(request: IdempotentRequest, route: &'static RouteConfig, scope: &Scope
 impl Pending {
     /// The rest of the request once the handler's argument is extracted: the handler alone for a
     /// plain request, the store and the handler for a keyed one.
-    async fn finish(self, route: &'static RouteConfig, handler: Running) -> Response {
+    async fn finish(self, work: Work) -> Response {
         match self {
-            Self::Plain => handler.await,
+            Self::Plain => match work {
+                Work::Ready(handler) => handler.await,
+                Work::Deferred { call, .. } => call(None).await,
+            },
             Self::Keyed {
                 keyed,
                 record,
+                route,
                 span,
+                adopted,
             } => {
-                claim::run(keyed, record, route, handler)
+                claim::run(keyed, record, route, work, adopted)
                     .instrument(span)
                     .await
+            }
+        }
+    }
+
+    /// The handler's extractor rejected the request: an adopted claim is released (nothing ran),
+    /// so that a corrected retry runs normally.
+    async fn give_back(self) {
+        if let Self::Keyed {
+            keyed,
+            adopted: Some(claim),
+            ..
+        } = self
+        {
+            let release = ReleaseRequest::new(&claim.record, claim.owner);
+            if let Err(error) = keyed.runtime.store().release(release).await {
+                tracing::debug!(%error, "releasing a rejected request's claim failed; its lease will expire");
             }
         }
     }

@@ -11,7 +11,8 @@ use http::{HeaderName, HeaderValue};
 use http_body_util::BodyExt as _;
 
 use super::outcome;
-use crate::config::{Idempotency, RouteConfig};
+use super::lease::Lease;
+use crate::config::Idempotency;
 use crate::outage::Failure;
 use crate::problem::{Problem, ProblemKind};
 use crate::record::{RecordedResult, StoredResponse};
@@ -23,6 +24,10 @@ pub static IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent
 /// The response header marking a response produced without idempotency because the store was
 /// unavailable and the runtime fails open: `Idempotent-Unprotected: true`.
 pub static IDEMPOTENT_UNPROTECTED: HeaderName = HeaderName::from_static("idempotent-unprotected");
+
+/// The response header on a replay naming the request that produced the recorded response (the
+/// value of the runtime's request-id header, when one is configured): `Original-Request`.
+pub static ORIGINAL_REQUEST: HeaderName = HeaderName::from_static("original-request");
 
 /// How long a client is told to wait before retrying a request still in progress.
 const IN_PROGRESS_RETRY_AFTER: Duration = Duration::from_secs(1);
@@ -116,16 +121,17 @@ pub(super) enum Captured {
     Failed(Response),
 }
 
-/// Reads `response` for recording as `route` says: the body up to the runtime's limit (a larger
-/// one is recorded as not replayable and still streams whole to the client), or status and
-/// headers only (`store_body = false`).
-pub(super) async fn capture(
-    runtime: &Idempotency,
-    route: &RouteConfig,
-    response: Response,
-) -> Captured {
+/// Reads `response` for recording as the lease's route says: the body up to the runtime's limit (a
+/// larger one is recorded as not replayable and still streams whole to the client), or status and
+/// headers only (`store_body = false`). The request's id, if any, is recorded to be replayed as
+/// `Original-Request`.
+pub(super) async fn capture(lease: &Lease, response: Response) -> Captured {
+    let (runtime, route) = (&lease.runtime, &lease.route);
     let (parts, body) = response.into_parts();
     let mut headers = StoredResponse::filter_headers(&parts.headers, runtime.replayed_headers());
+    if let Some(id) = &lease.request_id {
+        headers.push((ORIGINAL_REQUEST.clone(), id.clone()));
+    }
     let (result, body) = if route.store_body {
         match buffer(body, runtime.max_response_bytes()).await {
             Buffered::Whole(bytes) => {
