@@ -9,13 +9,9 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::State;
-use axum::response::Response;
 use axum::routing::post;
 use http::{StatusCode, header};
-use idem_runtime::{
-    Idempotency, IdempotencyContext, Idempotent, MemoryStore, RouteConfig, Scope, execute,
-    idempotent,
-};
+use idem_runtime::{Idempotency, IdempotencyContext, MemoryStore, idempotent};
 use idem_tests::support::{
     IDEMPOTENCY_KEY, Ledger, PATIENCE, Reply, Server, connect_and_write, http1_request,
     idempotent_app, keyed, raw_exchange, send, send_until_not_in_progress, sending, start_send,
@@ -264,20 +260,8 @@ async fn shutdown_waits_for_running_handlers_and_their_records() {
 // Record TTL
 // ---------------------------------------------------------------------------------------------
 
-/// Written by hand against the runtime (the macro accepts whole seconds only), as
-/// `idem_runtime::executor` documents.
-static SHORT_TTL: RouteConfig = RouteConfig::new("short_ttl")
-    .required(true)
-    .ttl(Duration::from_millis(200));
-
-async fn short_ttl(State(ledger): State<Ledger>, body: Idempotent<String>) -> Response {
-    execute(body, &SHORT_TTL, Scope::NONE, |body| async move {
-        let run = ledger.run().await;
-        format!("run {run}: {body}")
-    })
-    .await
-}
-
+/// The macro's `ttl` argument: it expands to a `RouteConfig` with that ttl, handed to the store
+/// with every record (the attribute accepts whole seconds only).
 #[idempotent(required = true, ttl = "1s")]
 async fn one_second_ttl(State(ledger): State<Ledger>, body: String) -> String {
     let run = ledger.run().await;
@@ -288,36 +272,22 @@ async fn one_second_ttl(State(ledger): State<Ledger>, body: String) -> String {
 async fn a_record_expires_after_its_ttl_and_the_key_runs_again() {
     let idem = Idempotency::builder().build();
     let ledger = Ledger::new();
-    let routes = Router::new().route("/short", post(short_ttl));
-    let app = idempotent_app(&idem, routes, ledger);
-
-    let first = send(&app, keyed("POST", "/short", "t", "x")).await;
-    assert_eq!(first.text(), "run 1: x");
-    let replay = send(&app, keyed("POST", "/short", "t", "x")).await;
-    assert!(replay.replayed(), "replayed within the ttl");
-
-    tokio::time::sleep(Duration::from_millis(800)).await;
-    let after = send(&app, keyed("POST", "/short", "t", "x")).await;
-    assert!(!after.replayed(), "the record outlived its ttl");
-    assert_eq!(after.text(), "run 2: x");
-    // Once expired, the key is free for any request, not only the same one.
-    tokio::time::sleep(Duration::from_millis(800)).await;
-    let other = send(&app, keyed("POST", "/short", "t", "different")).await;
-    assert_eq!(other.text(), "run 3: different");
-}
-
-#[tokio::test]
-async fn the_macro_ttl_argument_reaches_the_store() {
-    let idem = Idempotency::builder().build();
-    let ledger = Ledger::new();
     let routes = Router::new().route("/ttl", post(one_second_ttl));
     let app = idempotent_app(&idem, routes, ledger);
+
     let first = send(&app, keyed("POST", "/ttl", "t", "x")).await;
     assert_eq!(first.text(), "run 1: x");
-    assert!(send(&app, keyed("POST", "/ttl", "t", "x")).await.replayed());
+    let replay = send(&app, keyed("POST", "/ttl", "t", "x")).await;
+    assert!(replay.replayed(), "replayed within the ttl");
+
     tokio::time::sleep(Duration::from_millis(1600)).await;
     let after = send(&app, keyed("POST", "/ttl", "t", "x")).await;
+    assert!(!after.replayed(), "the record outlived its ttl");
     assert_eq!(after.text(), "run 2: x", "`ttl = \"1s\"` expired");
+    // Once expired, the key is free for any request, not only the same one.
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    let other = send(&app, keyed("POST", "/ttl", "t", "different")).await;
+    assert_eq!(other.text(), "run 3: different");
 }
 
 // ---------------------------------------------------------------------------------------------
