@@ -236,7 +236,9 @@ pub async fn send_until_not_in_progress(
     let since = Instant::now();
     let mut conflicts = 0;
     loop {
-        let reply = send(app, request()).await;
+        let request = request();
+        let key = request.headers().get(IDEMPOTENCY_KEY).cloned();
+        let reply = send(app, request).await;
         if reply.status != StatusCode::CONFLICT {
             return (reply, conflicts);
         }
@@ -244,7 +246,7 @@ pub async fn send_until_not_in_progress(
         conflicts += 1;
         assert!(
             since.elapsed() < budget,
-            "still in progress after {budget:?}: the key is stuck beyond its lease"
+            "key {key:?} still in progress after {budget:?}: stuck beyond its lease"
         );
         tokio::time::sleep(RETRY).await;
     }
