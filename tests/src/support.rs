@@ -368,21 +368,19 @@ impl Ledger {
 
     /// Waits until at least `n` executions started.
     pub async fn wait_started(&self, n: usize) {
-        let mut started = self.0.started.subscribe();
-        within(
-            &format!("{n} handler execution(s) to start"),
-            started.wait_for(|started| *started >= n),
-        )
-        .await
-        .expect("the ledger owns the sender");
+        Self::wait_count(&self.0.started, n, "start").await;
     }
 
     /// Waits until at least `n` executions finished.
     pub async fn wait_finished(&self, n: usize) {
-        let mut finished = self.0.finished.subscribe();
+        Self::wait_count(&self.0.finished, n, "finish").await;
+    }
+
+    async fn wait_count(count: &watch::Sender<usize>, n: usize, event: &str) {
+        let mut count = count.subscribe();
         within(
-            &format!("{n} handler execution(s) to finish"),
-            finished.wait_for(|finished| *finished >= n),
+            &format!("{n} handler execution(s) to {event}"),
+            count.wait_for(|count| *count >= n),
         )
         .await
         .expect("the ledger owns the sender");
@@ -464,6 +462,18 @@ pub async fn connect_and_write(addr: SocketAddr, raw: &[u8]) -> TcpStream {
         .await
         .expect("write the request");
     stream
+}
+
+/// A client that hangs up mid-handler: writes `raw` (a whole request) to `addr`, waits until
+/// `ledger` counts the execution it starts, closes the connection, and gives the server 200 ms to
+/// notice and drop the request's future. What is left of the handler then runs on a task of its
+/// own, and must live on: the test checks that next.
+pub async fn hang_up_once_started(addr: SocketAddr, ledger: &Ledger, raw: &[u8]) {
+    let next = ledger.runs() + 1;
+    let client = connect_and_write(addr, raw).await;
+    ledger.wait_started(next).await;
+    drop(client);
+    tokio::time::sleep(Duration::from_millis(200)).await;
 }
 
 /// Sends `raw` on a fresh connection and reads the response until the server closes it.

@@ -13,7 +13,7 @@ use axum::routing::post;
 use http::{StatusCode, header};
 use idem_runtime::{Idempotency, IdempotencyContext, MemoryStore, idempotent};
 use idem_tests::support::{
-    IDEMPOTENCY_KEY, Ledger, PATIENCE, Reply, Server, connect_and_write, http1_request,
+    IDEMPOTENCY_KEY, Ledger, PATIENCE, Reply, Server, hang_up_once_started, http1_request,
     idempotent_app, keyed, raw_exchange, send, send_until_not_in_progress, sending, start_send,
     wait_idle, wait_until, within,
 };
@@ -179,12 +179,7 @@ async fn a_client_disconnect_does_not_cancel_the_handler_and_the_retry_replays()
         b"pay 7",
     );
 
-    let client = connect_and_write(server.addr, &request).await;
-    ledger.wait_started(1).await;
-    drop(client);
-    // Give hyper time to see the closed connection and drop the request's future; what is left
-    // of the handler then moves to a task of its own, so it must live on.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    hang_up_once_started(server.addr, &ledger, &request).await;
     assert_eq!(idem.running(), 1, "the handler is still running");
     assert_eq!(ledger.finished(), 0);
 

@@ -20,7 +20,7 @@ use idem_tests::instances::{COMMAND_TIMEOUT, RedisInstance, record_exists, recor
 use idem_tests::proxy::{Mode, Proxy};
 use idem_tests::redis::RedisServer;
 use idem_tests::support::{
-    IDEMPOTENCY_KEY, Ledger, PATIENCE, Reply, Server, answered_within, connect_and_write,
+    IDEMPOTENCY_KEY, Ledger, PATIENCE, Reply, Server, answered_within, hang_up_once_started,
     http1_request, keyed, wait_idle, wait_until,
 };
 use tokio::task::JoinHandle;
@@ -435,11 +435,7 @@ async fn over_redis_a_client_disconnect_does_not_cancel_the_handler_and_another_
         &[(IDEMPOTENCY_KEY, "gone"), ("content-type", "text/plain")],
         b"pay 7",
     );
-    let client = connect_and_write(http.addr, &request).await;
-    ledger.wait_started(1).await;
-    drop(client);
-    // Let hyper notice the closed connection and drop the request's future.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    hang_up_once_started(http.addr, &ledger, &request).await;
     assert_eq!(a.idem.running(), 1, "the handler is still running");
     ledger.open();
     ledger.wait_finished(1).await;
