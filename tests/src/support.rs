@@ -1,6 +1,8 @@
-//! Helpers shared by the behaviour tests (`tests/tests/{wire,concurrency,payments_example}.rs`):
-//! building and sending requests in process or over raw TCP, reading replies, checking problem
-//! documents, and a [`Ledger`] that counts handler executions and can hold a handler at a gate.
+//! Helpers shared by the behaviour tests (`tests/tests/*.rs`): assembling an app
+//! ([`idempotent_app`]), building and sending requests in process (at once, on a task of their own,
+//! or again while they are in progress) or over raw TCP, reading replies, checking problem
+//! documents, bounded waits ([`within`], [`answered_within`], [`wait_until`]), and a [`Ledger`]
+//! that counts handler executions and can hold a handler at a gate.
 //!
 //! ```no_run
 //! # async fn demo(app: axum::Router) {
@@ -16,7 +18,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Body;
@@ -27,6 +29,7 @@ use idem_runtime::Idempotency;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
+use tokio::task::JoinHandle;
 use tower::ServiceExt as _;
 
 /// The request header carrying the key.
@@ -39,11 +42,41 @@ pub const PATIENCE: Duration = Duration::from_secs(10);
 /// The default base of idem's problem `type` URIs.
 pub const PROBLEM_BASE: &str = "https://idem.rs/problems/";
 
+/// How often [`wait_until`] looks at its condition again.
+const POLL: Duration = Duration::from_millis(2);
+
+/// The pause between the attempts of [`send_until_not_in_progress`].
+const RETRY: Duration = Duration::from_millis(25);
+
 /// Awaits `future`, failing the test with `what` if it takes longer than [`PATIENCE`].
 pub async fn within<F: Future>(what: &str, future: F) -> F::Output {
     tokio::time::timeout(PATIENCE, future)
         .await
         .unwrap_or_else(|_| panic!("timed out after {PATIENCE:?} waiting for {what}"))
+}
+
+/// Awaits `future`, failing the test if it takes `bound` or longer (or hangs past [`PATIENCE`]):
+/// for "answered quickly" checks, where the time taken is part of what the test asserts.
+pub async fn answered_within<F: Future>(what: &str, bound: Duration, future: F) -> F::Output {
+    let started = Instant::now();
+    let output = within(what, future).await;
+    let took = started.elapsed();
+    assert!(took < bound, "{what} took {took:?}, more than {bound:?}");
+    output
+}
+
+/// Looks at `condition` every few milliseconds until it holds, failing the test with `what` (what
+/// the test waits for) if that takes longer than `bound`. For state the test cannot await, such as
+/// a counter or a record in Redis.
+pub async fn wait_until(what: &str, bound: Duration, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + bound;
+    while !condition() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {bound:?} waiting for {what}"
+        );
+        tokio::time::sleep(POLL).await;
+    }
 }
 
 /// A response, fully read.
@@ -165,6 +198,68 @@ pub async fn send(app: &Router, request: Request<Body>) -> Reply {
     }
 }
 
+/// The sending of `request` through `app` as a future of its own (holding a clone of `app`), to
+/// spawn: `JoinSet::spawn(sending(…))`, or see [`spawn_send`].
+pub fn sending(app: &Router, request: Request<Body>) -> impl Future<Output = Reply> + Send + use<> {
+    let app = app.clone();
+    async move { send(&app, request).await }
+}
+
+/// [`send`] on a task of its own, so that the test can act while the request runs (and await,
+/// abort or drop it).
+pub fn spawn_send(app: &Router, request: Request<Body>) -> JoinHandle<Reply> {
+    tokio::spawn(sending(app, request))
+}
+
+/// [`spawn_send`], then waits until the handler execution the request starts is counted by
+/// `ledger` (the next one after those already counted): with a gated ledger, the request is then
+/// held at the gate, in flight, until [`Ledger::open`].
+pub async fn start_send(
+    app: &Router,
+    ledger: &Ledger,
+    request: Request<Body>,
+) -> JoinHandle<Reply> {
+    let next = ledger.runs() + 1;
+    let task = spawn_send(app, request);
+    ledger.wait_started(next).await;
+    task
+}
+
+/// Sends `request()` through `app` again and again (every 25 ms) while the answer is `409
+/// request-in-progress`, failing the test if that lasts longer than `budget` (a key stuck beyond
+/// its lease). Returns the first other answer and how many 409s came before it.
+pub async fn send_until_not_in_progress(
+    app: &Router,
+    request: impl Fn() -> Request<Body>,
+    budget: Duration,
+) -> (Reply, usize) {
+    let since = Instant::now();
+    let mut conflicts = 0;
+    loop {
+        let request = request();
+        let key = request.headers().get(IDEMPOTENCY_KEY).cloned();
+        let reply = send(app, request).await;
+        if reply.status != StatusCode::CONFLICT {
+            return (reply, conflicts);
+        }
+        reply.assert_problem(409, "request-in-progress");
+        conflicts += 1;
+        assert!(
+            since.elapsed() < budget,
+            "key {key:?} still in progress after {budget:?}: stuck beyond its lease"
+        );
+        tokio::time::sleep(RETRY).await;
+    }
+}
+
+/// `routes` given their `state`, behind `idem`'s layer: how the tests assemble an app.
+pub fn idempotent_app<S>(idem: &Idempotency, routes: Router<S>, state: S) -> Router
+where
+    S: Clone + Send + Sync + 'static,
+{
+    routes.with_state(state).layer(idem.layer())
+}
+
 /// A request with `method`, `uri`, an `Idempotency-Key` (used verbatim as the header value) and
 /// a body.
 pub fn keyed(method: &str, uri: &str, key: &str, body: impl Into<Body>) -> Request<Body> {
@@ -273,21 +368,19 @@ impl Ledger {
 
     /// Waits until at least `n` executions started.
     pub async fn wait_started(&self, n: usize) {
-        let mut started = self.0.started.subscribe();
-        within(
-            &format!("{n} handler execution(s) to start"),
-            started.wait_for(|started| *started >= n),
-        )
-        .await
-        .expect("the ledger owns the sender");
+        Self::wait_count(&self.0.started, n, "start").await;
     }
 
     /// Waits until at least `n` executions finished.
     pub async fn wait_finished(&self, n: usize) {
-        let mut finished = self.0.finished.subscribe();
+        Self::wait_count(&self.0.finished, n, "finish").await;
+    }
+
+    async fn wait_count(count: &watch::Sender<usize>, n: usize, event: &str) {
+        let mut count = count.subscribe();
         within(
-            &format!("{n} handler execution(s) to finish"),
-            finished.wait_for(|finished| *finished >= n),
+            &format!("{n} handler execution(s) to {event}"),
+            count.wait_for(|count| *count >= n),
         )
         .await
         .expect("the ledger owns the sender");
@@ -296,10 +389,8 @@ impl Ledger {
 
 /// Waits until `idem` has no handler running (every result recorded or released).
 pub async fn wait_idle(idem: &Idempotency) {
-    within("the running handlers to drain", async {
-        while idem.running() > 0 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+    wait_until("the running handlers to drain", PATIENCE, || {
+        idem.running() == 0
     })
     .await;
 }
@@ -371,6 +462,18 @@ pub async fn connect_and_write(addr: SocketAddr, raw: &[u8]) -> TcpStream {
         .await
         .expect("write the request");
     stream
+}
+
+/// A client that hangs up mid-handler: writes `raw` (a whole request) to `addr`, waits until
+/// `ledger` counts the execution it starts, closes the connection, and gives the server 200 ms to
+/// notice and drop the request's future. What is left of the handler then runs on a task of its
+/// own, and must live on: the test checks that next.
+pub async fn hang_up_once_started(addr: SocketAddr, ledger: &Ledger, raw: &[u8]) {
+    let next = ledger.runs() + 1;
+    let client = connect_and_write(addr, raw).await;
+    ledger.wait_started(next).await;
+    drop(client);
+    tokio::time::sleep(Duration::from_millis(200)).await;
 }
 
 /// Sends `raw` on a fresh connection and reads the response until the server closes it.

@@ -9,16 +9,13 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::State;
-use axum::response::Response;
 use axum::routing::post;
 use http::{StatusCode, header};
-use idem_runtime::{
-    Idempotency, IdempotencyContext, Idempotent, MemoryStore, RouteConfig, Scope, execute,
-    idempotent,
-};
+use idem_runtime::{Idempotency, IdempotencyContext, MemoryStore, idempotent};
 use idem_tests::support::{
-    IDEMPOTENCY_KEY, Ledger, Reply, Server, connect_and_write, http1_request, keyed, raw_exchange,
-    send, wait_idle, within,
+    IDEMPOTENCY_KEY, Ledger, PATIENCE, Reply, Server, hang_up_once_started, http1_request,
+    idempotent_app, keyed, raw_exchange, send, send_until_not_in_progress, sending, start_send,
+    wait_idle, wait_until, within,
 };
 use tokio::task::JoinSet;
 
@@ -41,12 +38,11 @@ async fn slow_short_wait(State(ledger): State<Ledger>, body: String) -> (StatusC
 }
 
 fn gated_app(idem: &Idempotency, ledger: &Ledger) -> Router {
-    Router::new()
+    let routes = Router::new()
         .route("/slow", post(slow))
         .route("/waiting", post(slow_waiting))
-        .route("/short-wait", post(slow_short_wait))
-        .with_state(ledger.clone())
-        .layer(idem.layer())
+        .route("/short-wait", post(slow_short_wait));
+    idempotent_app(idem, routes, ledger.clone())
 }
 
 /// Sends `request`, failing at once (rather than at the gate's timeout) if it starts another
@@ -65,11 +61,6 @@ async fn send_expecting_no_run(
     }
 }
 
-fn spawn_send(set: &mut JoinSet<Reply>, app: &Router, request: http::Request<axum::body::Body>) {
-    let app = app.clone();
-    set.spawn(async move { send(&app, request).await });
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_duplicates_run_once_and_the_others_get_409() {
     const N: usize = 20;
@@ -82,10 +73,13 @@ async fn concurrent_duplicates_run_once_and_the_others_get_409() {
     let barrier = Arc::new(tokio::sync::Barrier::new(N));
     let mut requests = JoinSet::new();
     for _ in 0..N {
-        let (app, barrier) = (app.clone(), Arc::clone(&barrier));
+        let (request, barrier) = (
+            sending(&app, keyed("POST", "/slow", "dup", "pay 10")),
+            Arc::clone(&barrier),
+        );
         requests.spawn(async move {
             barrier.wait().await;
-            send(&app, keyed("POST", "/slow", "dup", "pay 10")).await
+            request.await
         });
     }
     for _ in 0..N - 1 {
@@ -126,12 +120,10 @@ async fn with_wait_concurrent_duplicates_wait_and_replay_the_first_result() {
     let ledger = Ledger::gated();
     let app = gated_app(&idem, &ledger);
 
-    let mut first = JoinSet::new();
-    spawn_send(&mut first, &app, keyed("POST", "/waiting", "w", "x"));
-    ledger.wait_started(1).await;
+    let first = start_send(&app, &ledger, keyed("POST", "/waiting", "w", "x")).await;
     let mut duplicates = JoinSet::new();
     for _ in 1..N {
-        spawn_send(&mut duplicates, &app, keyed("POST", "/waiting", "w", "x"));
+        duplicates.spawn(sending(&app, keyed("POST", "/waiting", "w", "x")));
     }
     // The duplicates are waiting (well within their 2 s), not answered with a 409.
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -142,10 +134,7 @@ async fn with_wait_concurrent_duplicates_wait_and_replay_the_first_result() {
     );
 
     ledger.open();
-    let first = within("the first request", first.join_next())
-        .await
-        .unwrap()
-        .unwrap();
+    let first = within("the first request", first).await.unwrap();
     assert_eq!(first.status, StatusCode::CREATED);
     assert!(!first.replayed());
     let replies = within("the waiting duplicates", duplicates.join_all()).await;
@@ -163,9 +152,7 @@ async fn a_wait_that_runs_out_is_a_409() {
     let ledger = Ledger::gated();
     let app = gated_app(&idem, &ledger);
 
-    let mut first = JoinSet::new();
-    spawn_send(&mut first, &app, keyed("POST", "/short-wait", "w", "x"));
-    ledger.wait_started(1).await;
+    let first = start_send(&app, &ledger, keyed("POST", "/short-wait", "w", "x")).await;
     let started = std::time::Instant::now();
     let duplicate = send(&app, keyed("POST", "/short-wait", "w", "x")).await;
     duplicate.assert_problem(409, "request-in-progress");
@@ -175,10 +162,7 @@ async fn a_wait_that_runs_out_is_a_409() {
         started.elapsed()
     );
     ledger.open();
-    let first = within("the first", first.join_next())
-        .await
-        .unwrap()
-        .unwrap();
+    let first = within("the first", first).await.unwrap();
     assert_eq!(first.status, StatusCode::CREATED);
     assert_eq!(ledger.runs(), 1);
 }
@@ -195,12 +179,7 @@ async fn a_client_disconnect_does_not_cancel_the_handler_and_the_retry_replays()
         b"pay 7",
     );
 
-    let client = connect_and_write(server.addr, &request).await;
-    ledger.wait_started(1).await;
-    drop(client);
-    // Give hyper time to see the closed connection and drop the request's future; what is left
-    // of the handler then moves to a task of its own, so it must live on.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    hang_up_once_started(server.addr, &ledger, &request).await;
     assert_eq!(idem.running(), 1, "the handler is still running");
     assert_eq!(ledger.finished(), 0);
 
@@ -246,11 +225,9 @@ async fn shutdown_waits_for_running_handlers_and_their_records() {
     let ledger = Ledger::gated();
     let app = gated_app(&idem, &ledger);
 
-    let mut first = JoinSet::new();
-    spawn_send(&mut first, &app, keyed("POST", "/slow", "drain", "x"));
-    ledger.wait_started(1).await;
+    let first = start_send(&app, &ledger, keyed("POST", "/slow", "drain", "x")).await;
     // The client gives up: the handler keeps running, and shutdown must wait for it.
-    first.abort_all();
+    first.abort();
     assert_eq!(idem.running(), 1);
 
     let draining = {
@@ -278,20 +255,8 @@ async fn shutdown_waits_for_running_handlers_and_their_records() {
 // Record TTL
 // ---------------------------------------------------------------------------------------------
 
-/// Written by hand against the runtime (the macro accepts whole seconds only), as
-/// `idem_runtime::executor` documents.
-static SHORT_TTL: RouteConfig = RouteConfig::new("short_ttl")
-    .required(true)
-    .ttl(Duration::from_millis(200));
-
-async fn short_ttl(State(ledger): State<Ledger>, body: Idempotent<String>) -> Response {
-    execute(body, &SHORT_TTL, Scope::NONE, |body| async move {
-        let run = ledger.run().await;
-        format!("run {run}: {body}")
-    })
-    .await
-}
-
+/// The macro's `ttl` argument: it expands to a `RouteConfig` with that ttl, handed to the store
+/// with every record (the attribute accepts whole seconds only).
 #[idempotent(required = true, ttl = "1s")]
 async fn one_second_ttl(State(ledger): State<Ledger>, body: String) -> String {
     let run = ledger.run().await;
@@ -302,40 +267,22 @@ async fn one_second_ttl(State(ledger): State<Ledger>, body: String) -> String {
 async fn a_record_expires_after_its_ttl_and_the_key_runs_again() {
     let idem = Idempotency::builder().build();
     let ledger = Ledger::new();
-    let app = Router::new()
-        .route("/short", post(short_ttl))
-        .with_state(ledger.clone())
-        .layer(idem.layer());
+    let routes = Router::new().route("/ttl", post(one_second_ttl));
+    let app = idempotent_app(&idem, routes, ledger);
 
-    let first = send(&app, keyed("POST", "/short", "t", "x")).await;
-    assert_eq!(first.text(), "run 1: x");
-    let replay = send(&app, keyed("POST", "/short", "t", "x")).await;
-    assert!(replay.replayed(), "replayed within the ttl");
-
-    tokio::time::sleep(Duration::from_millis(800)).await;
-    let after = send(&app, keyed("POST", "/short", "t", "x")).await;
-    assert!(!after.replayed(), "the record outlived its ttl");
-    assert_eq!(after.text(), "run 2: x");
-    // Once expired, the key is free for any request, not only the same one.
-    tokio::time::sleep(Duration::from_millis(800)).await;
-    let other = send(&app, keyed("POST", "/short", "t", "different")).await;
-    assert_eq!(other.text(), "run 3: different");
-}
-
-#[tokio::test]
-async fn the_macro_ttl_argument_reaches_the_store() {
-    let idem = Idempotency::builder().build();
-    let ledger = Ledger::new();
-    let app = Router::new()
-        .route("/ttl", post(one_second_ttl))
-        .with_state(ledger.clone())
-        .layer(idem.layer());
     let first = send(&app, keyed("POST", "/ttl", "t", "x")).await;
     assert_eq!(first.text(), "run 1: x");
-    assert!(send(&app, keyed("POST", "/ttl", "t", "x")).await.replayed());
+    let replay = send(&app, keyed("POST", "/ttl", "t", "x")).await;
+    assert!(replay.replayed(), "replayed within the ttl");
+
     tokio::time::sleep(Duration::from_millis(1600)).await;
     let after = send(&app, keyed("POST", "/ttl", "t", "x")).await;
+    assert!(!after.replayed(), "the record outlived its ttl");
     assert_eq!(after.text(), "run 2: x", "`ttl = \"1s\"` expired");
+    // Once expired, the key is free for any request, not only the same one.
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    let other = send(&app, keyed("POST", "/ttl", "t", "different")).await;
+    assert_eq!(other.text(), "run 3: different");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -350,9 +297,7 @@ async fn the_heartbeat_keeps_a_slow_handler_exclusive_past_its_lease() {
     let ledger = Ledger::gated();
     let app = gated_app(&idem, &ledger);
 
-    let mut first = JoinSet::new();
-    spawn_send(&mut first, &app, keyed("POST", "/slow", "hb", "x"));
-    ledger.wait_started(1).await;
+    let first = start_send(&app, &ledger, keyed("POST", "/slow", "hb", "x")).await;
     // Duplicates across 4× the lease: without renewal the lease would have lapsed long ago.
     let started = std::time::Instant::now();
     while started.elapsed() < lease * 4 {
@@ -369,10 +314,7 @@ async fn the_heartbeat_keeps_a_slow_handler_exclusive_past_its_lease() {
     assert_eq!(ledger.runs(), 1, "the slow handler was duplicated");
 
     ledger.open();
-    let first = within("the first", first.join_next())
-        .await
-        .unwrap()
-        .unwrap();
+    let first = within("the first", first).await.unwrap();
     assert_eq!(first.status, StatusCode::CREATED);
     let replay = send(&app, keyed("POST", "/slow", "hb", "x")).await;
     assert!(replay.replayed());
@@ -411,27 +353,14 @@ async fn past_max_run_time_a_retry_takes_over_with_epoch_2_and_the_late_result_i
         ledger: Ledger::gated(),
         ..Fenced::default()
     };
-    let app = Router::new()
-        .route("/fenced", post(fenced))
-        .with_state(state.clone())
-        .layer(idem.layer());
+    let routes = Router::new().route("/fenced", post(fenced));
+    let app = idempotent_app(&idem, routes, state.clone());
 
-    let mut first = JoinSet::new();
-    spawn_send(&mut first, &app, keyed("POST", "/fenced", "f", "x"));
-    state.ledger.wait_started(1).await;
+    let first = start_send(&app, &state.ledger, keyed("POST", "/fenced", "f", "x")).await;
 
     // Until the lease lapses (max_run_time + lease, ~250 ms) retries are 409; then one takes over.
-    let takeover = within("a retry to take over", async {
-        loop {
-            let retry = send(&app, keyed("POST", "/fenced", "f", "x")).await;
-            if retry.status != StatusCode::CONFLICT {
-                break retry;
-            }
-            retry.assert_problem(409, "request-in-progress");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await;
+    let (takeover, _) =
+        send_until_not_in_progress(&app, || keyed("POST", "/fenced", "f", "x"), PATIENCE).await;
     assert_eq!(takeover.status, StatusCode::OK);
     assert_eq!(takeover.text(), "epoch 2: x");
     assert!(!takeover.replayed());
@@ -441,24 +370,17 @@ async fn past_max_run_time_a_retry_takes_over_with_epoch_2_and_the_late_result_i
     let first_context = state.first_context.lock().unwrap().clone().unwrap();
     assert_eq!(first_context.epoch(), Some(1));
     // (Allowing up to 10× the lease for the runtime to notice.)
-    let noticed = tokio::time::timeout(Duration::from_secs(1), async {
-        while !first_context.lease_lost() {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
+    wait_until(
+        "a running attempt whose lease lapsed (and was taken over) to report lease_lost()",
+        Duration::from_secs(1),
+        || first_context.lease_lost(),
+    )
     .await;
-    assert!(
-        noticed.is_ok(),
-        "a running attempt whose lease lapsed (and was taken over) must report lease_lost()"
-    );
 
     // The stalled first attempt finishes late: its client still gets its own answer, but the
     // record is the winner's.
     state.ledger.open();
-    let late = within("the first", first.join_next())
-        .await
-        .unwrap()
-        .unwrap();
+    let late = within("the first", first).await.unwrap();
     assert_eq!(late.text(), "epoch 1: x");
     wait_idle(&idem).await;
     assert!(
@@ -494,25 +416,14 @@ async fn the_route_lease_argument_overrides_the_runtime_lease() {
         .max_run_time(Duration::from_millis(100))
         .build();
     let ledger = Ledger::gated();
-    let app = Router::new()
-        .route("/short-lease", post(short_lease))
-        .with_state(ledger.clone())
-        .layer(idem.layer());
-    let mut first = JoinSet::new();
-    spawn_send(&mut first, &app, keyed("POST", "/short-lease", "l", "x"));
-    ledger.wait_started(1).await;
+    let routes = Router::new().route("/short-lease", post(short_lease));
+    let app = idempotent_app(&idem, routes, ledger.clone());
+    let first = start_send(&app, &ledger, keyed("POST", "/short-lease", "l", "x")).await;
     let started = std::time::Instant::now();
 
-    let takeover = within("the 1 s lease to lapse", async {
-        loop {
-            let retry = send(&app, keyed("POST", "/short-lease", "l", "x")).await;
-            if retry.status != StatusCode::CONFLICT {
-                break retry;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await;
+    // Until the 1 s lease lapses retries are 409; then one takes over.
+    let retry = || keyed("POST", "/short-lease", "l", "x");
+    let (takeover, _) = send_until_not_in_progress(&app, retry, PATIENCE).await;
     assert_eq!(takeover.text(), "run 2: x");
     assert!(
         started.elapsed() >= Duration::from_millis(900),
@@ -520,10 +431,7 @@ async fn the_route_lease_argument_overrides_the_runtime_lease() {
         started.elapsed()
     );
     ledger.open();
-    within("the first", first.join_next())
-        .await
-        .unwrap()
-        .unwrap();
+    within("the first", first).await.unwrap();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -553,11 +461,10 @@ async fn a_response_over_the_limit_reaches_its_client_and_duplicates_get_409() {
         .max_response_bytes(1024)
         .build();
     let ledger = Ledger::new();
-    let app = Router::new()
+    let routes = Router::new()
         .route("/large", post(large))
-        .route("/large-stream", post(large_stream))
-        .with_state(ledger.clone())
-        .layer(idem.layer());
+        .route("/large-stream", post(large_stream));
+    let app = idempotent_app(&idem, routes, ledger.clone());
 
     for (route, byte) in [("/large", b'1'), ("/large-stream", b'y')] {
         let first = send(&app, keyed("POST", route, &route[1..], "x")).await;
@@ -603,10 +510,8 @@ async fn secret(
 async fn store_body_false_replays_status_and_location_without_the_body() {
     let idem = Idempotency::builder().build();
     let ledger = Ledger::new();
-    let app = Router::new()
-        .route("/secrets", post(secret))
-        .with_state(ledger.clone())
-        .layer(idem.layer());
+    let routes = Router::new().route("/secrets", post(secret));
+    let app = idempotent_app(&idem, routes, ledger.clone());
     let first = send(&app, keyed("POST", "/secrets", "s", "x")).await;
     assert_eq!(first.status, StatusCode::CREATED);
     assert_eq!(first.text(), "{\"token\":\"one-time-1\"}");
@@ -641,10 +546,8 @@ async fn sized(State(ledger): State<Ledger>, body: String) -> Vec<u8> {
 
 fn sized_app(store: &MemoryStore, ledger: &Ledger) -> Router {
     let idem = Idempotency::builder().store(store.clone()).build();
-    Router::new()
-        .route("/sized", post(sized))
-        .with_state(ledger.clone())
-        .layer(idem.layer())
+    let routes = Router::new().route("/sized", post(sized));
+    idempotent_app(&idem, routes, ledger.clone())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -682,9 +585,7 @@ async fn a_full_memory_store_never_drops_an_in_flight_record() {
 
     let ledger = Ledger::gated();
     let app = sized_app(&store, &ledger);
-    let mut first = JoinSet::new();
-    spawn_send(&mut first, &app, keyed("POST", "/sized", "new-key", "10"));
-    ledger.wait_started(1).await;
+    let first = start_send(&app, &ledger, keyed("POST", "/sized", "new-key", "10")).await;
     // Ordinary traffic on other keys meanwhile (it also runs the cache's maintenance).
     for _ in 0..4 {
         replay_all().await;
@@ -700,10 +601,7 @@ async fn a_full_memory_store_never_drops_an_in_flight_record() {
     duplicate.assert_problem(409, "request-in-progress");
 
     ledger.open();
-    let first = within("the first", first.join_next())
-        .await
-        .unwrap()
-        .unwrap();
+    let first = within("the first", first).await.unwrap();
     assert_eq!(first.body.len(), 10);
     let retry = send(&app, keyed("POST", "/sized", "new-key", "10")).await;
     assert!(
@@ -719,23 +617,17 @@ async fn every_409_problem_carries_retry_after() {
     // `wire.rs`).
     let idem = Idempotency::builder().max_response_bytes(1024).build();
     let ledger = Ledger::gated();
-    let app = Router::new()
+    let routes = Router::new()
         .route("/large", post(large))
-        .route("/slow", post(slow))
-        .with_state(ledger.clone())
-        .layer(idem.layer());
+        .route("/slow", post(slow));
+    let app = idempotent_app(&idem, routes, ledger.clone());
 
-    let mut first = JoinSet::new();
-    spawn_send(&mut first, &app, keyed("POST", "/slow", "busy", "x"));
-    ledger.wait_started(1).await;
+    let first = start_send(&app, &ledger, keyed("POST", "/slow", "busy", "x")).await;
     let in_progress = send(&app, keyed("POST", "/slow", "busy", "x")).await;
     in_progress.assert_problem(409, "request-in-progress");
     assert!(in_progress.retry_after() >= 1);
     ledger.open();
-    within("the first", first.join_next())
-        .await
-        .unwrap()
-        .unwrap();
+    within("the first", first).await.unwrap();
 
     send(&app, keyed("POST", "/large", "big", "x")).await;
     let unavailable = send(&app, keyed("POST", "/large", "big", "x")).await;

@@ -8,26 +8,23 @@
 //! `docs/FAILURE_MODES.md`. Process-level faults (instances killed, paused, stopped) are in
 //! `faults_instances.rs`.
 
-use std::future::Future;
 use std::time::{Duration, Instant};
 
 use axum::Router;
+use axum::body::Body;
 use axum::extract::State;
 use axum::routing::post;
-use http::StatusCode;
-use idem_runtime::fingerprint::{RecordKey, Scope};
-use idem_runtime::key::IdempotencyKey;
-use idem_runtime::store::{RedisConfig, RedisStore, TieredStore};
+use http::{Request, StatusCode};
 use idem_runtime::{Idempotency, IdempotencyContext, idempotent};
+use idem_tests::instances::{COMMAND_TIMEOUT, RedisInstance, record_exists, record_key};
 use idem_tests::proxy::{Mode, Proxy};
 use idem_tests::redis::RedisServer;
 use idem_tests::support::{
-    IDEMPOTENCY_KEY, Ledger, Reply, Server, connect_and_write, http1_request, keyed, send,
-    wait_idle, within,
+    IDEMPOTENCY_KEY, Ledger, PATIENCE, Reply, Server, answered_within, hang_up_once_started,
+    http1_request, keyed, wait_idle, wait_until,
 };
+use tokio::task::JoinHandle;
 
-/// Each Redis command's budget in these tests (the default is 1 s).
-const COMMAND_TIMEOUT: Duration = Duration::from_millis(300);
 /// The bound on "answered quickly": ten command budgets, so a loaded machine never trips it,
 /// while a hang (waiting for Redis indefinitely) always does.
 const QUICKLY: Duration = Duration::from_secs(3);
@@ -66,88 +63,79 @@ async fn large(State(ledger): State<Ledger>, _body: String) -> Vec<u8> {
     vec![b'x'; 10 * 1024]
 }
 
-/// One app instance: a runtime over `TieredStore<RedisStore>` and its router.
-struct Instance {
-    idem: Idempotency,
-    router: Router,
+/// One app instance: `/pay`, `/panics` and `/large`, counting executions in a [`Ledger`] that
+/// every instance of a test shares.
+type Instance = RedisInstance<Ledger>;
+
+/// An instance over the Redis at `url` (a [`Proxy`] or the server itself) with `lease`, the
+/// harness's 300 ms command budgets and a 1 KiB recording limit, counting executions in `ledger`.
+async fn instance(url: &str, ledger: &Ledger, lease: Duration) -> Instance {
+    build(url, ledger, lease, false).await
 }
 
-impl Instance {
-    /// An instance over the Redis at `url` (a [`Proxy`] or the server itself) with `lease`,
-    /// 300 ms command budgets and a 1 KiB recording limit, counting executions in `ledger`.
-    async fn start(url: &str, ledger: &Ledger, lease: Duration) -> Self {
-        Self::build(url, ledger, lease, false).await
-    }
+/// The same, failing open: while Redis cannot be reached, handlers run unprotected.
+async fn instance_failing_open(url: &str, ledger: &Ledger, lease: Duration) -> Instance {
+    build(url, ledger, lease, true).await
+}
 
-    /// The same, failing open: while Redis cannot be reached, handlers run unprotected.
-    async fn start_fail_open(url: &str, ledger: &Ledger, lease: Duration) -> Self {
-        Self::build(url, ledger, lease, true).await
-    }
+async fn build(url: &str, ledger: &Ledger, lease: Duration, fail_open: bool) -> Instance {
+    let runtime = Idempotency::builder()
+        .lease(lease)
+        .max_response_bytes(1024)
+        .fail_open(fail_open);
+    let routes = Router::new()
+        .route("/pay", post(pay))
+        .route("/panics", post(panics_once))
+        .route("/large", post(large));
+    RedisInstance::start(url, runtime, routes, ledger.clone()).await
+}
 
-    async fn build(url: &str, ledger: &Ledger, lease: Duration, fail_open: bool) -> Self {
-        let config = RedisConfig::new()
-            .response_timeout(COMMAND_TIMEOUT)
-            .connect_timeout(COMMAND_TIMEOUT);
-        let redis = RedisStore::connect(url, config)
-            .await
-            .unwrap_or_else(|error| panic!("cannot connect to {url}: {error}"));
-        let idem = Idempotency::builder()
-            .store(TieredStore::new(redis))
-            .lease(lease)
-            .max_response_bytes(1024)
-            .fail_open(fail_open)
-            .build();
-        let router = Router::new()
-            .route("/pay", post(pay))
-            .route("/panics", post(panics_once))
-            .route("/large", post(large))
-            .with_state(ledger.clone())
-            .layer(idem.layer());
-        Self { idem, router }
-    }
+/// Two instances over the same Redis.
+async fn pair(url: &str, ledger: &Ledger, lease: Duration) -> (Instance, Instance) {
+    (
+        instance(url, ledger, lease).await,
+        instance(url, ledger, lease).await,
+    )
+}
 
-    /// Two instances over the same Redis.
-    async fn pair(url: &str, ledger: &Ledger, lease: Duration) -> (Self, Self) {
-        (
-            Self::start(url, ledger, lease).await,
-            Self::start(url, ledger, lease).await,
-        )
-    }
+/// `POST /pay` with `key` and `body`, the request most of these tests send, to an [`Instance`].
+trait Pay {
+    /// Sends it.
+    async fn pay(&self, key: &str, body: &str) -> Reply;
+    /// Sends it on a task of its own once its handler started ([`RedisInstance::start_send`]).
+    async fn start_pay(&self, key: &str, body: &str) -> JoinHandle<Reply>;
+    /// Sends it while it is `409 request-in-progress`
+    /// ([`RedisInstance::send_until_not_in_progress`]).
+    async fn pay_until_not_in_progress(
+        &self,
+        key: &str,
+        body: &str,
+        budget: Duration,
+    ) -> (Reply, usize);
+}
 
+impl Pay for Instance {
     async fn pay(&self, key: &str, body: &str) -> Reply {
-        send(&self.router, keyed("POST", "/pay", key, body.to_owned())).await
+        self.send(payment(key, body)).await
     }
 
-    fn spawn_pay(&self, key: &str, body: &str) -> tokio::task::JoinHandle<Reply> {
-        let router = self.router.clone();
-        let request = keyed("POST", "/pay", key, body.to_owned());
-        tokio::spawn(async move { send(&router, request).await })
+    async fn start_pay(&self, key: &str, body: &str) -> JoinHandle<Reply> {
+        self.start_send(payment(key, body)).await
     }
 
-    /// Retries `POST /pay` while it is `409 request-in-progress`, for at most `budget`; returns
-    /// the first other answer and how many 409s came before it.
     async fn pay_until_not_in_progress(
         &self,
         key: &str,
         body: &str,
         budget: Duration,
     ) -> (Reply, usize) {
-        let since = Instant::now();
-        let mut conflicts = 0;
-        loop {
-            let reply = self.pay(key, body).await;
-            if reply.status != StatusCode::CONFLICT {
-                return (reply, conflicts);
-            }
-            reply.assert_problem(409, "request-in-progress");
-            conflicts += 1;
-            assert!(
-                since.elapsed() < budget,
-                "key {key:?} still in progress after {budget:?}: stuck beyond its lease"
-            );
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
+        self.send_until_not_in_progress(|| payment(key, body), budget)
+            .await
     }
+}
+
+fn payment(key: &str, body: &str) -> Request<Body> {
+    keyed("POST", "/pay", key, body.to_owned())
 }
 
 /// Redis with a proxy in front of it.
@@ -155,22 +143,6 @@ async fn redis_behind_proxy() -> (RedisServer, Proxy) {
     let server = RedisServer::start();
     let proxy = Proxy::start(([127, 0, 0, 1], server.port()).into()).await;
     (server, proxy)
-}
-
-/// Awaits `future`, failing if it takes longer than `bound` (or hangs).
-async fn answered_within<F: Future>(what: &str, bound: Duration, future: F) -> F::Output {
-    let started = Instant::now();
-    let output = within(what, future).await;
-    let took = started.elapsed();
-    assert!(took < bound, "{what} took {took:?}, more than {bound:?}");
-    output
-}
-
-/// Whether the record of unscoped client key `key` exists in Redis.
-fn record_exists(server: &RedisServer, key: &str) -> bool {
-    let key = IdempotencyKey::parse_bytes(key.as_bytes()).expect("a valid key");
-    let name = RedisStore::key_name(&RecordKey::new(&Scope::NONE, &key));
-    server.query(redis::cmd("EXISTS").arg(name))
 }
 
 #[track_caller]
@@ -187,7 +159,7 @@ fn assert_created(reply: &Reply, text: &str, replayed: bool) {
 async fn failing_open_runs_unprotected_while_redis_is_down_and_protects_again_once_it_is_back() {
     let mut server = RedisServer::start();
     let ledger = Ledger::new();
-    let a = Instance::start_fail_open(&server.url(), &ledger, Duration::from_secs(5)).await;
+    let a = instance_failing_open(&server.url(), &ledger, Duration::from_secs(5)).await;
     server.kill();
     for run in 1..=2 {
         let reply = answered_within("an unprotected answer", QUICKLY, a.pay("open", "pay")).await;
@@ -227,11 +199,10 @@ struct CutAfterTheHandler {
 async fn cut_after_the_handler(lease: Duration) -> CutAfterTheHandler {
     let (server, proxy) = redis_behind_proxy().await;
     let ledger = Ledger::gated();
-    let a = Instance::start(&proxy.url(), &ledger, lease).await;
-    let b = Instance::start(&server.url(), &ledger, lease).await;
+    let a = instance(&proxy.url(), &ledger, lease).await;
+    let b = instance(&server.url(), &ledger, lease).await;
 
-    let first = a.spawn_pay("k", "pay 1");
-    ledger.wait_started(1).await;
+    let first = a.start_pay("k", "pay 1").await;
     proxy.cut();
     ledger.open();
     let first = answered_within("the first answer with Redis unreachable", QUICKLY, first)
@@ -310,7 +281,7 @@ async fn redis_slower_than_the_timeout_during_acquire_is_a_quick_503_and_no_self
     const LEASE: Duration = Duration::from_millis(800);
     let (server, proxy) = redis_behind_proxy().await;
     let ledger = Ledger::new();
-    let a = Instance::start(&proxy.url(), &ledger, LEASE).await;
+    let a = instance(&proxy.url(), &ledger, LEASE).await;
 
     proxy.set_mode(Mode::latency(2 * COMMAND_TIMEOUT));
     let slow = answered_within("the answer with Redis slow", QUICKLY, a.pay("k", "pay 1")).await;
@@ -320,10 +291,8 @@ async fn redis_slower_than_the_timeout_during_acquire_is_a_quick_503_and_no_self
 
     // The timed-out acquire still reaches Redis, late: wait for it to land.
     proxy.set_mode(Mode::PassThrough);
-    within("the late acquire to reach Redis", async {
-        while !record_exists(&server, "k") {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+    wait_until("the late acquire to reach Redis", PATIENCE, || {
+        record_exists(&server, &record_key("k"))
     })
     .await;
     // The client retries (within the abandoned attempt's lease).
@@ -346,11 +315,10 @@ async fn redis_slower_than_the_timeout_during_complete_still_answers_and_the_ret
     const LEASE: Duration = Duration::from_millis(800);
     let (server, proxy) = redis_behind_proxy().await;
     let ledger = Ledger::gated();
-    let a = Instance::start(&proxy.url(), &ledger, LEASE).await;
-    let b = Instance::start(&server.url(), &ledger, LEASE).await;
+    let a = instance(&proxy.url(), &ledger, LEASE).await;
+    let b = instance(&server.url(), &ledger, LEASE).await;
 
-    let first = a.spawn_pay("k", "pay 1");
-    ledger.wait_started(1).await;
+    let first = a.start_pay("k", "pay 1").await;
     let latency = 2 * COMMAND_TIMEOUT;
     proxy.set_mode(Mode::latency(latency));
     ledger.open();
@@ -379,10 +347,9 @@ async fn redis_paused_shorter_than_the_lease_the_handler_keeps_its_key_and_recor
     const LEASE: Duration = Duration::from_millis(1200);
     let server = RedisServer::start();
     let ledger = Ledger::gated();
-    let (a, b) = Instance::pair(&server.url(), &ledger, LEASE).await;
+    let (a, b) = pair(&server.url(), &ledger, LEASE).await;
 
-    let first = a.spawn_pay("k", "pay 1");
-    ledger.wait_started(1).await;
+    let first = a.start_pay("k", "pay 1").await;
     let paused = Instant::now();
     server.pause();
     // A duplicate meanwhile cannot learn anything: 503, and it does not run.
@@ -416,10 +383,9 @@ async fn redis_paused_longer_than_the_lease_nobody_takes_over_and_the_owner_stil
     const LEASE: Duration = Duration::from_millis(600);
     let server = RedisServer::start();
     let ledger = Ledger::gated();
-    let (a, b) = Instance::pair(&server.url(), &ledger, LEASE).await;
+    let (a, b) = pair(&server.url(), &ledger, LEASE).await;
 
-    let first = a.spawn_pay("k", "pay 1");
-    ledger.wait_started(1).await;
+    let first = a.start_pay("k", "pay 1").await;
     server.pause();
     // Requests meanwhile (another key, so that their late acquire cannot race the owner's
     // renewals when Redis resumes) are 503 in bounded time.
@@ -461,7 +427,7 @@ async fn redis_paused_longer_than_the_lease_nobody_takes_over_and_the_owner_stil
 async fn over_redis_a_client_disconnect_does_not_cancel_the_handler_and_another_instance_replays() {
     let server = RedisServer::start();
     let ledger = Ledger::gated();
-    let (a, b) = Instance::pair(&server.url(), &ledger, Duration::from_millis(800)).await;
+    let (a, b) = pair(&server.url(), &ledger, Duration::from_millis(800)).await;
     let http = Server::start(a.router.clone()).await;
     let request = http1_request(
         "POST",
@@ -469,11 +435,7 @@ async fn over_redis_a_client_disconnect_does_not_cancel_the_handler_and_another_
         &[(IDEMPOTENCY_KEY, "gone"), ("content-type", "text/plain")],
         b"pay 7",
     );
-    let client = connect_and_write(http.addr, &request).await;
-    ledger.wait_started(1).await;
-    drop(client);
-    // Let hyper notice the closed connection and drop the request's future.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    hang_up_once_started(http.addr, &ledger, &request).await;
     assert_eq!(a.idem.running(), 1, "the handler is still running");
     ledger.open();
     ledger.wait_finished(1).await;
@@ -489,20 +451,20 @@ async fn over_redis_a_panicking_handler_is_a_500_and_the_retry_runs_at_once() {
     let server = RedisServer::start();
     let ledger = Ledger::new();
     // A long lease: only the release can free the key in time.
-    let (a, b) = Instance::pair(&server.url(), &ledger, Duration::from_secs(30)).await;
+    let (a, b) = pair(&server.url(), &ledger, Duration::from_secs(30)).await;
 
-    let panicked = send(&a.router, keyed("POST", "/panics", "p", "x")).await;
+    let panicked = a.send(keyed("POST", "/panics", "p", "x")).await;
     panicked.assert_problem(500, "handler-panicked");
     let retry = answered_within(
         "the retry",
         QUICKLY,
-        send(&b.router, keyed("POST", "/panics", "p", "x")),
+        b.send(keyed("POST", "/panics", "p", "x")),
     )
     .await;
     assert_eq!(retry.status, StatusCode::OK, "{retry:?}");
     assert_eq!(retry.text(), "run 2 epoch 2: x", "released, not stuck");
     assert!(!retry.replayed());
-    let replay = send(&a.router, keyed("POST", "/panics", "p", "x")).await;
+    let replay = a.send(keyed("POST", "/panics", "p", "x")).await;
     assert!(replay.replayed());
     assert_eq!(replay.body, retry.body);
     assert_eq!(ledger.runs(), 2);
@@ -512,9 +474,9 @@ async fn over_redis_a_panicking_handler_is_a_500_and_the_retry_runs_at_once() {
 async fn over_redis_a_response_over_the_limit_reaches_its_client_and_duplicates_get_409() {
     let server = RedisServer::start();
     let ledger = Ledger::new();
-    let (a, b) = Instance::pair(&server.url(), &ledger, Duration::from_millis(800)).await;
+    let (a, b) = pair(&server.url(), &ledger, Duration::from_millis(800)).await;
 
-    let first = send(&a.router, keyed("POST", "/large", "big", "x")).await;
+    let first = a.send(keyed("POST", "/large", "big", "x")).await;
     assert_eq!(first.status, StatusCode::OK);
     assert_eq!(
         first.body.len(),
@@ -523,7 +485,8 @@ async fn over_redis_a_response_over_the_limit_reaches_its_client_and_duplicates_
     );
     assert!(first.body.iter().all(|byte| *byte == b'x'));
     for instance in [&a, &b, &a, &b] {
-        send(&instance.router, keyed("POST", "/large", "big", "x"))
+        instance
+            .send(keyed("POST", "/large", "big", "x"))
             .await
             .assert_problem(409, "result-unavailable");
     }
@@ -548,14 +511,17 @@ async fn redis_out_of_memory_is_a_503_that_writes_nothing_and_a_lost_completion_
             .arg("noeviction"),
     );
     let ledger = Ledger::gated();
-    let (a, b) = Instance::pair(&server.url(), &ledger, LEASE).await;
+    let (a, b) = pair(&server.url(), &ledger, LEASE).await;
 
     // Before the handler: refused, quickly, and nothing written.
     set_maxmemory(&server, "1");
     let full = answered_within("the answer with Redis full", QUICKLY, a.pay("oom", "x")).await;
     full.assert_problem(503, "store-unavailable");
     assert!(full.retry_after() >= 1);
-    assert!(!record_exists(&server, "oom"), "nothing half-written");
+    assert!(
+        !record_exists(&server, &record_key("oom")),
+        "nothing half-written"
+    );
     assert_eq!(ledger.runs(), 0);
     set_maxmemory(&server, "0");
     ledger.open();
@@ -566,10 +532,9 @@ async fn redis_out_of_memory_is_a_503_that_writes_nothing_and_a_lost_completion_
     // After the handler: the client gets its answer, and the result lands once memory is back
     // (within the lease).
     let ledger_gate = Ledger::gated();
-    let c = Instance::start(&server.url(), &ledger_gate, LEASE).await;
-    let d = Instance::start(&server.url(), &ledger_gate, LEASE).await;
-    let first = c.spawn_pay("late", "y");
-    ledger_gate.wait_started(1).await;
+    let c = instance(&server.url(), &ledger_gate, LEASE).await;
+    let d = instance(&server.url(), &ledger_gate, LEASE).await;
+    let first = c.start_pay("late", "y").await;
     set_maxmemory(&server, "1");
     ledger_gate.open();
     let first = answered_within("the first answer with Redis full", QUICKLY, first)

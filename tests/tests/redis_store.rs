@@ -12,8 +12,7 @@ use axum::body::Body;
 use axum::extract::{FromRequestParts, State};
 use axum::routing::post;
 use http::request::Parts;
-use http::{HeaderMap, Request, StatusCode};
-use http_body_util::BodyExt as _;
+use http::{Request, StatusCode};
 use idem_runtime::fingerprint::{Fingerprint, RecordKey, Scope, scope};
 use idem_runtime::key::IdempotencyKey;
 use idem_runtime::record::{RecordedResult, StoredResponse};
@@ -22,18 +21,13 @@ use idem_runtime::store::{
     RenewRequest, Store, StoreError, TieredConfig, TieredStore,
 };
 use idem_runtime::{Idempotency, IdempotencyContext, idempotent};
+use idem_tests::instances::{RedisInstance, connect_redis, record_exists, record_key};
 use idem_tests::redis::RedisServer;
-use tower::ServiceExt as _;
+use idem_tests::support::{IDEMPOTENCY_KEY, PATIENCE, Reply, request, wait_until};
+use tokio::task::JoinHandle;
 
 // ---------------------------------------------------------------------------------------------
 // Store-level helpers
-
-fn key(name: &str) -> RecordKey {
-    RecordKey::new(
-        &Scope::NONE,
-        &IdempotencyKey::parse_bytes(name.as_bytes()).unwrap(),
-    )
-}
 
 fn print(body: &str) -> Fingerprint {
     Fingerprint::of(&http::Method::POST, "/", "/", "", body.as_bytes())
@@ -59,11 +53,6 @@ fn response(body: &'static str) -> Arc<RecordedResult> {
         )],
         body: bytes::Bytes::from_static(body.as_bytes()),
     }))
-}
-
-async fn connect(server: &RedisServer) -> RedisStore {
-    let config = RedisConfig::new().response_timeout(Duration::from_millis(300));
-    RedisStore::connect(server.url(), config).await.unwrap()
 }
 
 async fn acquire(
@@ -150,8 +139,8 @@ fn inner_calls(server: &RedisServer) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_transition_converges_when_retried() {
     let server = RedisServer::start();
-    let store = connect(&server).await;
-    let (k, fp) = (key("k"), print("a"));
+    let store = connect_redis(&server.url()).await;
+    let (k, fp) = (record_key("k"), print("a"));
     let (first, second) = (OwnerToken::generate(), OwnerToken::generate());
 
     let acquired = acquire(&store, &k, first, &fp, LEASE, RETENTION).await;
@@ -240,8 +229,8 @@ async fn each_transition_converges_when_retried() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_expired_lease_is_taken_over_and_the_lost_owner_is_refused() {
     let server = RedisServer::start();
-    let store = connect(&server).await;
-    let (k, fp) = (key("k"), print("a"));
+    let store = connect_redis(&server.url()).await;
+    let (k, fp) = (record_key("k"), print("a"));
     let (first, second) = (OwnerToken::generate(), OwnerToken::generate());
     let lease = Duration::from_millis(200);
 
@@ -284,8 +273,8 @@ async fn an_expired_lease_is_taken_over_and_the_lost_owner_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn release_ends_the_lease_and_keeps_the_epoch() {
     let server = RedisServer::start();
-    let store = connect(&server).await;
-    let (k, fp) = (key("k"), print("a"));
+    let store = connect_redis(&server.url()).await;
+    let (k, fp) = (record_key("k"), print("a"));
     let (first, second, third) = (
         OwnerToken::generate(),
         OwnerToken::generate(),
@@ -314,12 +303,12 @@ async fn release_ends_the_lease_and_keeps_the_epoch() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_live_as_long_as_they_should() {
     let server = RedisServer::start();
-    let store = connect(&server).await;
+    let store = connect_redis(&server.url()).await;
     let fp = print("a");
     let owner = OwnerToken::generate();
 
     // In flight: kept for the retention (the route's ttl), lease deadline on the server's clock.
-    let k = key("retained");
+    let k = record_key("retained");
     let lease = Duration::from_millis(300);
     acquire(&store, &k, owner, &fp, lease, RETENTION)
         .await
@@ -334,7 +323,7 @@ async fn records_live_as_long_as_they_should() {
     );
 
     // A retention shorter than the lease is raised to the lease; renewing extends both.
-    let k = key("short");
+    let k = record_key("short");
     let retention = Duration::from_millis(100);
     acquire(&store, &k, owner, &fp, Duration::from_secs(5), retention)
         .await
@@ -370,7 +359,7 @@ async fn records_live_as_long_as_they_should() {
     }
 
     // And it is gone after its ttl.
-    let k = key("brief");
+    let k = record_key("brief");
     acquire(&store, &k, owner, &fp, lease, RETENTION)
         .await
         .unwrap();
@@ -382,8 +371,7 @@ async fn records_live_as_long_as_they_should() {
             .unwrap()
     );
     tokio::time::sleep(Duration::from_millis(150)).await;
-    let exists: bool = server.query(redis::cmd("EXISTS").arg(RedisStore::key_name(&k)));
-    assert!(!exists);
+    assert!(!record_exists(&server, &k));
     let other = print("other");
     let again = acquire(&store, &k, OwnerToken::generate(), &other, lease, RETENTION).await;
     assert!(matches!(again, Ok(Acquired::Execute { epoch: 1 })));
@@ -392,7 +380,7 @@ async fn records_live_as_long_as_they_should() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn corrupt_records_are_errors_not_panics() {
     let server = RedisServer::start();
-    let store = connect(&server).await;
+    let store = connect_redis(&server.url()).await;
     let fp = print("a");
     let owner = OwnerToken::generate();
 
@@ -419,7 +407,7 @@ async fn corrupt_records_are_errors_not_panics() {
         ("truncated", header(b'i', epoch_one)[..40].to_vec()),
     ];
     for (case, value) in cases {
-        let k = key(&case.replace(' ', "-"));
+        let k = record_key(&case.replace(' ', "-"));
         overwrite(&server, &k, &value);
         let answer = acquire(&store, &k, owner, &fp, LEASE, RETENTION).await;
         assert!(
@@ -429,7 +417,7 @@ async fn corrupt_records_are_errors_not_panics() {
     }
 
     // A key of another type: acquire reports it, the owner-only transitions find nothing owned.
-    let k = key("hash");
+    let k = record_key("hash");
     let _: i64 = server.query(
         redis::cmd("HSET")
             .arg(RedisStore::key_name(&k))
@@ -456,7 +444,7 @@ async fn corrupt_records_are_errors_not_panics() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forgotten_scripts_are_reloaded_transparently() {
     let server = RedisServer::start();
-    let store = connect(&server).await;
+    let store = connect_redis(&server.url()).await;
     let fp = print("a");
     let owner = OwnerToken::generate();
     let loads = || {
@@ -469,7 +457,7 @@ async fn forgotten_scripts_are_reloaded_transparently() {
     assert_eq!(loads(), 4, "connect loads the four scripts");
 
     let _: () = server.query(redis::cmd("SCRIPT").arg("FLUSH"));
-    let k = key("k");
+    let k = record_key("k");
     let acquired = acquire(&store, &k, owner, &fp, LEASE, RETENTION).await;
     assert!(matches!(acquired, Ok(Acquired::Execute { epoch: 1 })));
     assert_eq!(loads(), 5, "the acquire script was reloaded once");
@@ -487,7 +475,7 @@ async fn forgotten_scripts_are_reloaded_transparently() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn key_names_hold_no_client_bytes() {
     let server = RedisServer::start();
-    let store = connect(&server).await;
+    let store = connect_redis(&server.url()).await;
     let fp = print("a");
     let hostile = [
         "\"{evil}\"",
@@ -536,14 +524,14 @@ async fn key_names_hold_no_client_bytes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_down_fails_fast_and_the_same_store_recovers() {
     let mut server = RedisServer::start();
-    let store = connect(&server).await;
+    let store = connect_redis(&server.url()).await;
     let fp = print("a");
     // Refused connections fail at once, well within the 300 ms response timeout.
     let budget = Duration::from_millis(250);
 
     acquire(
         &store,
-        &key("before"),
+        &record_key("before"),
         OwnerToken::generate(),
         &fp,
         LEASE,
@@ -554,7 +542,7 @@ async fn redis_down_fails_fast_and_the_same_store_recovers() {
     server.kill();
     for attempt in 0..3 {
         let started = Instant::now();
-        let down = key("down");
+        let down = record_key("down");
         let answer = acquire(&store, &down, OwnerToken::generate(), &fp, LEASE, RETENTION).await;
         let took = started.elapsed();
         assert!(
@@ -572,7 +560,7 @@ async fn redis_down_fails_fast_and_the_same_store_recovers() {
     loop {
         match acquire(
             &store,
-            &key("after"),
+            &record_key("after"),
             OwnerToken::generate(),
             &fp,
             LEASE,
@@ -593,7 +581,7 @@ async fn redis_down_fails_fast_and_the_same_store_recovers() {
     }
     // The restarted Redis is empty: the scripts were reloaded on demand.
     let owner = OwnerToken::generate();
-    let k = key("after-restart");
+    let k = record_key("after-restart");
     acquire(&store, &k, owner, &fp, LEASE, RETENTION)
         .await
         .unwrap();
@@ -607,7 +595,7 @@ async fn redis_down_fails_fast_and_the_same_store_recovers() {
     // Redis restarts while the store is idle: the broken connection is noticed by the next call,
     // which is sent again on a new connection and succeeds.
     server.restart();
-    let k = key("idle-restart");
+    let k = record_key("idle-restart");
     let answer = acquire(&store, &k, owner, &fp, LEASE, RETENTION).await;
     assert!(
         matches!(answer, Ok(Acquired::Execute { epoch: 1 })),
@@ -618,8 +606,8 @@ async fn redis_down_fails_fast_and_the_same_store_recovers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_redis_times_out_and_the_retried_call_converges() {
     let server = RedisServer::start();
-    let store = connect(&server).await; // response timeout: 300 ms
-    let (k, fp, owner) = (key("k"), print("a"), OwnerToken::generate());
+    let store = connect_redis(&server.url()).await; // response timeout: 300 ms (COMMAND_TIMEOUT)
+    let (k, fp, owner) = (record_key("k"), print("a"), OwnerToken::generate());
     server.pause();
     let started = Instant::now();
     let answer = acquire(&store, &k, owner, &fp, LEASE, RETENTION).await;
@@ -628,11 +616,12 @@ async fn a_stalled_redis_times_out_and_the_retried_call_converges() {
     assert!(matches!(answer, Err(StoreError::Timeout)), "{answer:?}");
     assert!(took < Duration::from_millis(600), "{took:?}");
     // The timed-out command runs once Redis wakes up…
-    let deadline = Instant::now() + Duration::from_secs(2);
-    while raw_record(&server, &k).is_none() {
-        assert!(Instant::now() < deadline, "the timed-out acquire never ran");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    wait_until(
+        "the timed-out acquire to run",
+        Duration::from_secs(2),
+        || raw_record(&server, &k).is_some(),
+    )
+    .await;
     // …and retrying it with the same owner converges instead of conflicting with itself.
     let retried = acquire(&store, &k, owner, &fp, LEASE, RETENTION).await;
     assert!(
@@ -649,11 +638,11 @@ async fn a_stalled_redis_times_out_and_the_retried_call_converges() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cached_records_never_outlive_their_redis_record() {
     let server = RedisServer::start();
-    let tiered = TieredStore::new(connect(&server).await);
+    let tiered = TieredStore::new(connect_redis(&server.url()).await);
     let fp = print("a");
 
     // A record expiring in Redis before the cache's cap: the cache lets go no later.
-    let k = key("short");
+    let k = record_key("short");
     let owner = OwnerToken::generate();
     acquire(&tiered, &k, owner, &fp, LEASE, RETENTION)
         .await
@@ -685,13 +674,10 @@ async fn cached_records_never_outlive_their_redis_record() {
     }
     assert_eq!(tiered.stats().hits, 1);
     // Watch the Redis record go, then ask the cache at once: it must have let go too.
-    loop {
-        let exists: bool = server.query(redis::cmd("EXISTS").arg(RedisStore::key_name(&k)));
-        if !exists {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
+    wait_until("the Redis record to expire", PATIENCE, || {
+        !record_exists(&server, &k)
+    })
+    .await;
     let after = acquire(&tiered, &k, OwnerToken::generate(), &fp, LEASE, RETENTION).await;
     assert!(
         matches!(after, Ok(Acquired::Execute { epoch: 1 })),
@@ -700,10 +686,10 @@ async fn cached_records_never_outlive_their_redis_record() {
 
     // A long-lived record is cached for the cap at most, so an operator's purge propagates.
     let capped = TieredStore::with_config(
-        connect(&server).await,
+        connect_redis(&server.url()).await,
         TieredConfig::new().max_entry_ttl(Duration::from_millis(200)),
     );
-    let k = key("purged");
+    let k = record_key("purged");
     let owner = OwnerToken::generate();
     acquire(&capped, &k, owner, &fp, LEASE, RETENTION)
         .await
@@ -753,8 +739,8 @@ impl<S: Send + Sync> FromRequestParts<S> for User {
     }
 }
 
-/// One app instance's view of the shared test state.
-struct Instance {
+/// The state of [`charge`] on one app instance.
+struct Charges {
     name: &'static str,
     /// Runs per (user, key), shared by both instances.
     runs: Arc<Mutex<HashMap<(String, String), usize>>>,
@@ -764,7 +750,7 @@ struct Instance {
     gate: tokio::sync::Semaphore,
 }
 
-impl Instance {
+impl Charges {
     fn runs(&self, user: &str, key: &str) -> usize {
         let runs = self.runs.lock().unwrap();
         runs.get(&(user.to_owned(), key.to_owned()))
@@ -776,7 +762,7 @@ impl Instance {
 #[idempotent(required = true, scope = user)]
 async fn charge(
     User(user): User,
-    State(instance): State<Arc<Instance>>,
+    State(instance): State<Arc<Charges>>,
     context: IdempotencyContext,
     body: String,
 ) -> (StatusCode, String) {
@@ -799,13 +785,8 @@ async fn charge(
     (StatusCode::CREATED, text)
 }
 
-#[derive(Clone)]
-struct App {
-    idem: Idempotency,
-    router: Router,
-    instance: Arc<Instance>,
-    store: Arc<TieredStore<RedisStore>>,
-}
+/// One app instance serving [`charge`].
+type App = RedisInstance<Arc<Charges>>;
 
 const APP_LEASE: Duration = Duration::from_millis(300);
 
@@ -815,56 +796,38 @@ async fn app(
     runs: &Arc<Mutex<HashMap<(String, String), usize>>>,
     max_run_time: Duration,
 ) -> App {
-    let store = Arc::new(TieredStore::new(connect(server).await));
-    let idem = Idempotency::builder()
-        .shared_store(Arc::clone(&store) as Arc<dyn Store>)
+    let runtime = Idempotency::builder()
         .lease(APP_LEASE)
-        .max_run_time(max_run_time)
-        .build();
-    let instance = Arc::new(Instance {
+        .max_run_time(max_run_time);
+    let charges = Arc::new(Charges {
         name,
         runs: Arc::clone(runs),
         started: AtomicUsize::new(0),
         gate: tokio::sync::Semaphore::new(0),
     });
-    let router = Router::new()
-        .route("/charge", post(charge))
-        .layer(idem.layer())
-        .with_state(Arc::clone(&instance));
-    App {
-        idem,
-        router,
-        instance,
-        store,
-    }
+    let routes = Router::new().route("/charge", post(charge));
+    RedisInstance::start(&server.url(), runtime, routes, charges).await
 }
 
-struct Reply {
-    status: StatusCode,
-    headers: HeaderMap,
-    body: String,
-}
-
-impl Reply {
-    fn replayed(&self) -> bool {
-        self.headers.get("idempotent-replayed").is_some()
-    }
-}
-
-async fn send(app: &App, user: &str, key: &str, body: &str) -> Reply {
-    let request = Request::post("/charge")
+/// `POST /charge` as `user` with `key` and `body`.
+fn charge_as(user: &str, key: &str, body: &str) -> Request<Body> {
+    request("POST", "/charge")
         .header("x-user", user)
-        .header("idempotency-key", key)
+        .header(IDEMPOTENCY_KEY, key)
         .body(Body::from(body.to_owned()))
-        .unwrap();
-    let response = app.router.clone().oneshot(request).await.unwrap();
-    let (parts, body) = response.into_parts();
-    let body = body.collect().await.unwrap().to_bytes();
-    Reply {
-        status: parts.status,
-        headers: parts.headers,
-        body: String::from_utf8(body.to_vec()).unwrap(),
-    }
+        .unwrap()
+}
+
+/// Sends [`charge_as`] to `app` on a task of its own and waits until its handler started (it may
+/// then be held at the instance's gate).
+async fn start_charge(app: &App, user: &str, key: &str, body: &str) -> JoinHandle<Reply> {
+    let started = app.state.started.load(Ordering::SeqCst);
+    let task = app.spawn_send(charge_as(user, key, body));
+    wait_until("the handler to start", Duration::from_secs(5), || {
+        app.state.started.load(Ordering::SeqCst) > started
+    })
+    .await;
+    task
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -875,7 +838,7 @@ async fn two_instances_behave_as_one() {
     // lease (an app paused past its lease).
     let a = app(&server, "a", &runs, Duration::from_millis(150)).await;
     let b = app(&server, "b", &runs, Duration::from_secs(60)).await;
-    b.instance.gate.add_permits(1_000);
+    b.state.gate.add_permits(1_000);
 
     replay_and_mismatch_across_instances(&a, &b).await;
     in_flight_across_instances(&a, &b).await;
@@ -888,49 +851,54 @@ async fn two_instances_behave_as_one() {
 }
 
 async fn replay_and_mismatch_across_instances(a: &App, b: &App) {
-    let first = send(a, "alice", "k1", "pay 10").await;
+    let first = a.send(charge_as("alice", "k1", "pay 10")).await;
     assert_eq!(first.status, StatusCode::CREATED);
     assert!(!first.replayed());
     assert_eq!(first.body, "alice pay 10 by a run 1 epoch 1");
-    let again = send(b, "alice", "k1", "pay 10").await;
+    let again = b.send(charge_as("alice", "k1", "pay 10")).await;
     assert_eq!(again.status, StatusCode::CREATED);
     assert!(again.replayed());
     assert_eq!(again.body, first.body);
-    assert_eq!(a.instance.runs("alice", "k1"), 1);
+    assert_eq!(a.state.runs("alice", "k1"), 1);
 
-    let reused = send(b, "alice", "k1", "pay 99").await;
+    let reused = b.send(charge_as("alice", "k1", "pay 99")).await;
     assert_eq!(reused.status, StatusCode::UNPROCESSABLE_ENTITY);
     assert!(
-        reused.body.contains("idempotency-key-reused"),
+        reused.text().contains("idempotency-key-reused"),
         "{}",
-        reused.body
+        reused.text()
     );
-    assert_eq!(a.instance.runs("alice", "k1"), 1);
+    assert_eq!(a.state.runs("alice", "k1"), 1);
 }
 
 async fn in_flight_across_instances(a: &App, b: &App) {
-    let started = a.instance.started.load(Ordering::SeqCst);
-    let held = spawn_send(a, "alice", "k2", "hold 1");
-    wait_until(|| a.instance.started.load(Ordering::SeqCst) > started).await;
-    let busy = send(b, "alice", "k2", "hold 1").await;
+    let held = start_charge(a, "alice", "k2", "hold 1").await;
+    let busy = b.send(charge_as("alice", "k2", "hold 1")).await;
     assert_eq!(busy.status, StatusCode::CONFLICT);
     assert!(busy.headers.contains_key(http::header::RETRY_AFTER));
-    assert!(busy.body.contains("request-in-progress"), "{}", busy.body);
-    a.instance.gate.add_permits(1);
+    assert!(
+        busy.text().contains("request-in-progress"),
+        "{}",
+        busy.text()
+    );
+    a.state.gate.add_permits(1);
     assert_eq!(held.await.unwrap().status, StatusCode::CREATED);
-    let done = send(b, "alice", "k2", "hold 1").await;
+    let done = b.send(charge_as("alice", "k2", "hold 1")).await;
     assert!(done.replayed());
     assert_eq!(done.body, "alice hold 1 by a run 1 epoch 1");
 }
 
 async fn scopes_are_isolated_across_instances(a: &App, b: &App) {
     // The same key and request from another principal is another record.
-    let bob = send(b, "bob", "k1", "pay 10").await;
+    let bob = b.send(charge_as("bob", "k1", "pay 10")).await;
     assert_eq!(bob.status, StatusCode::CREATED);
     assert!(!bob.replayed());
     assert_eq!(bob.body, "bob pay 10 by b run 1 epoch 1");
-    assert_eq!(send(a, "bob", "k1", "pay 10").await.body, bob.body);
-    let alice = send(a, "alice", "k1", "pay 10").await;
+    assert_eq!(
+        a.send(charge_as("bob", "k1", "pay 10")).await.body,
+        bob.body
+    );
+    let alice = a.send(charge_as("alice", "k1", "pay 10")).await;
     assert_eq!(alice.body, "alice pay 10 by a run 1 epoch 1");
 }
 
@@ -941,10 +909,8 @@ async fn a_storm_of_duplicates_runs_each_key_once(a: &App, b: &App) {
     for copy in 0..COPIES {
         for key in 0..KEYS {
             let app = if (copy + key) % 2 == 0 { a } else { b };
-            storm.push((
-                key,
-                spawn_send(app, "carol", &format!("s{key}"), &format!("storm {key}")),
-            ));
+            let request = charge_as("carol", &format!("s{key}"), &format!("storm {key}"));
+            storm.push((key, app.spawn_send(request)));
         }
     }
     for (key, task) in storm {
@@ -955,10 +921,10 @@ async fn a_storm_of_duplicates_runs_each_key_once(a: &App, b: &App) {
         );
     }
     for key in 0..KEYS {
-        let name = format!("s{key}");
-        assert_eq!(a.instance.runs("carol", &name), 1, "key {name}");
-        let from_a = send(a, "carol", &name, &format!("storm {key}")).await;
-        let from_b = send(b, "carol", &name, &format!("storm {key}")).await;
+        let (name, body) = (format!("s{key}"), format!("storm {key}"));
+        assert_eq!(a.state.runs("carol", &name), 1, "key {name}");
+        let from_a = a.send(charge_as("carol", &name, &body)).await;
+        let from_b = b.send(charge_as("carol", &name, &body)).await;
         assert!(from_a.replayed() && from_b.replayed());
         assert_eq!(from_a.body, from_b.body);
     }
@@ -967,48 +933,23 @@ async fn a_storm_of_duplicates_runs_each_key_once(a: &App, b: &App) {
 /// `a` holds its handler past its lease; `b` takes over with epoch 2, and the late result of `a`
 /// is not recorded.
 async fn an_expired_lease_is_taken_over_by_the_other_instance(a: &App, b: &App) {
-    let started = a.instance.started.load(Ordering::SeqCst);
-    let held = spawn_send(a, "dave", "k3", "hold 2");
-    wait_until(|| a.instance.started.load(Ordering::SeqCst) > started).await;
-    let busy = send(b, "dave", "k3", "hold 2").await;
+    let held = start_charge(a, "dave", "k3", "hold 2").await;
+    let busy = b.send(charge_as("dave", "k3", "hold 2")).await;
     assert_eq!(busy.status, StatusCode::CONFLICT);
-    let since = Instant::now();
-    let winner = loop {
-        let attempt = send(b, "dave", "k3", "hold 2").await;
-        if attempt.status != StatusCode::CONFLICT {
-            break attempt;
-        }
-        assert!(since.elapsed() < Duration::from_secs(3), "never taken over");
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    };
+    let retry = || charge_as("dave", "k3", "hold 2");
+    let (winner, _) = b
+        .send_until_not_in_progress(retry, Duration::from_secs(3))
+        .await;
     assert_eq!(winner.status, StatusCode::CREATED);
     assert_eq!(winner.body, "dave hold 2 by b run 2 epoch 2");
-    a.instance.gate.add_permits(1);
+    a.state.gate.add_permits(1);
     // The paused attempt's own client still gets its response…
     assert_eq!(held.await.unwrap().body, "dave hold 2 by a run 1 epoch 1");
     // …but every replay serves the winner.
     for app in [a, b] {
-        let again = send(app, "dave", "k3", "hold 2").await;
+        let again = app.send(charge_as("dave", "k3", "hold 2")).await;
         assert!(again.replayed());
         assert_eq!(again.body, winner.body);
-    }
-}
-
-fn spawn_send(app: &App, user: &str, key: &str, body: &str) -> tokio::task::JoinHandle<Reply> {
-    let (app, user, key, body) = (
-        app.clone(),
-        user.to_owned(),
-        key.to_owned(),
-        body.to_owned(),
-    );
-    tokio::spawn(async move { send(&app, &user, &key, &body).await })
-}
-
-async fn wait_until(condition: impl Fn() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !condition() {
-        assert!(Instant::now() < deadline, "condition never met");
-        tokio::time::sleep(Duration::from_millis(2)).await;
     }
 }
 
@@ -1020,7 +961,7 @@ async fn round_trips_are_at_the_floor() {
     let b = app(&server, "b", &runs, Duration::from_secs(60)).await;
 
     let (before, inner_before) = (calls(&server), inner_calls(&server));
-    let first = send(&a, "alice", "rt", "pay 1").await;
+    let first = a.send(charge_as("alice", "rt", "pay 1")).await;
     assert_eq!(first.status, StatusCode::CREATED);
     let (after_first, inner_after_first) = (calls(&server), inner_calls(&server));
     assert_eq!(
@@ -1038,7 +979,7 @@ async fn round_trips_are_at_the_floor() {
     // The instance's own result is not cached: each instance's first replay asks Redis once.
     for (name, app) in [("a", &a), ("b", &b)] {
         let (before, inner_before) = (calls(&server), inner_calls(&server));
-        let remote = send(app, "alice", "rt", "pay 1").await;
+        let remote = app.send(charge_as("alice", "rt", "pay 1")).await;
         assert!(remote.replayed());
         assert_eq!(remote.body, first.body);
         let after = calls(&server);
@@ -1055,7 +996,7 @@ async fn round_trips_are_at_the_floor() {
         );
         assert_eq!(app.store.stats().entries, 1, "{name}: now cached");
 
-        let cached = send(app, "alice", "rt", "pay 1").await;
+        let cached = app.send(charge_as("alice", "rt", "pay 1")).await;
         assert!(cached.replayed());
         assert_eq!(cached.body, first.body);
         assert_eq!(
@@ -1068,7 +1009,7 @@ async fn round_trips_are_at_the_floor() {
     // The same with an emptied cache on `a`.
     a.store.clear_cache();
     let before = calls(&server);
-    assert!(send(&a, "alice", "rt", "pay 1").await.replayed());
+    assert!(a.send(charge_as("alice", "rt", "pay 1")).await.replayed());
     assert_eq!(calls(&server).0 - before.0, 1);
     assert_eq!(a.store.stats().entries, 1);
 }
@@ -1080,20 +1021,20 @@ async fn redis_down_is_a_503_without_running_the_handler_then_recovers() {
     let a = app(&server, "a", &runs, Duration::from_secs(60)).await;
     server.kill();
     let started = Instant::now();
-    let down = send(&a, "alice", "k", "pay 1").await;
+    let down = a.send(charge_as("alice", "k", "pay 1")).await;
     assert_eq!(down.status, StatusCode::SERVICE_UNAVAILABLE);
-    assert!(down.body.contains("store-unavailable"), "{}", down.body);
+    assert!(down.text().contains("store-unavailable"), "{}", down.text());
     assert!(
         started.elapsed() < Duration::from_secs(1),
         "{:?}",
         started.elapsed()
     );
-    assert_eq!(a.instance.runs("alice", "k"), 0);
+    assert_eq!(a.state.runs("alice", "k"), 0);
 
     server.restart();
     let restarted = Instant::now();
     let up = loop {
-        let reply = send(&a, "alice", "k", "pay 1").await;
+        let reply = a.send(charge_as("alice", "k", "pay 1")).await;
         if reply.status != StatusCode::SERVICE_UNAVAILABLE {
             break reply;
         }
@@ -1104,8 +1045,8 @@ async fn redis_down_is_a_503_without_running_the_handler_then_recovers() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     assert_eq!(up.status, StatusCode::CREATED);
-    assert_eq!(a.instance.runs("alice", "k"), 1);
-    assert!(send(&a, "alice", "k", "pay 1").await.replayed());
+    assert_eq!(a.state.runs("alice", "k"), 1);
+    assert!(a.send(charge_as("alice", "k", "pay 1")).await.replayed());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1124,7 +1065,7 @@ async fn the_documented_acl_user_is_enough() {
     let store = RedisStore::connect(url.as_str(), RedisConfig::new())
         .await
         .unwrap();
-    let (k, fp, owner) = (key("k"), print("a"), OwnerToken::generate());
+    let (k, fp, owner) = (record_key("k"), print("a"), OwnerToken::generate());
     let lease = Duration::from_millis(100);
     acquire(&store, &k, owner, &fp, lease, RETENTION)
         .await
