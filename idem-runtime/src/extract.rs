@@ -39,9 +39,9 @@ use http_body_util::BodyExt;
 
 use crate::config::Idempotency;
 use crate::fingerprint::{Fingerprint, RecordKey};
-use crate::key::IdempotencyKey;
-use crate::store::OwnerToken;
+use crate::key::{IdempotencyKey, KeyError};
 use crate::problem::{Problem, ProblemKind};
+use crate::store::OwnerToken;
 
 /// The wrapper `#[idempotent]` puts around a handler's last extractor `T`.
 ///
@@ -181,7 +181,10 @@ pub(crate) struct Participants(std::sync::RwLock<std::collections::HashSet<(Meth
 
 impl Participants {
     pub(crate) fn contains(&self, method: &Method, route: &str) -> bool {
-        let routes = self.0.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let routes = self
+            .0
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         // Looked up without allocating: the set is small and read on every covered request.
         routes
             .iter()
@@ -259,7 +262,7 @@ pub(crate) async fn read(runtime: Idempotency, request: Request) -> Result<Read,
     if is_safe(request.method()) {
         return Ok(Read::Bypass(request));
     }
-    match read_key(&runtime, &request)? {
+    match read_key(&runtime, &request).map_err(|error| key_invalid(&runtime, error))? {
         None => Ok(Read::NoKey(runtime, request)),
         Some(key) => {
             let (keyed, parts, bytes) = read_body(runtime, key, request).await?;
@@ -268,16 +271,19 @@ pub(crate) async fn read(runtime: Idempotency, request: Request) -> Result<Read,
     }
 }
 
-/// The request's key, `None` without one; a malformed key is a `400` problem.
+/// The request's key, `None` without one.
 pub(crate) fn read_key(
     runtime: &Idempotency,
     request: &Request,
-) -> Result<Option<IdempotencyKey>, Response> {
-    IdempotencyKey::from_header(request.headers(), runtime.key_header()).map_err(|error| {
-        tracing::debug!(%error, outcome = "rejected", "invalid Idempotency-Key");
-        let problem = Problem::new(ProblemKind::KeyInvalid, error.to_string());
-        runtime.problem_response(&problem)
-    })
+) -> Result<Option<IdempotencyKey>, KeyError> {
+    IdempotencyKey::from_header(request.headers(), runtime.key_header())
+}
+
+/// The `400 idempotency-key-invalid` answer to a malformed key.
+pub(crate) fn key_invalid(runtime: &Idempotency, error: KeyError) -> Response {
+    tracing::debug!(%error, outcome = "rejected", "invalid Idempotency-Key");
+    let problem = Problem::new(ProblemKind::KeyInvalid, error.to_string());
+    runtime.problem_response(&problem)
 }
 
 /// Buffers the body of a keyed request and fingerprints it.
@@ -466,14 +472,13 @@ impl<S: Send + Sync> FromRequestParts<S> for IdempotencyContext {
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
         // A router-wide layer put one there for its own execution; otherwise the wrapper finds
         // this one.
-        let state = match parts.extensions.get::<Arc<ContextState>>() {
-            Some(state) => Arc::clone(state),
-            None => {
-                let state = Arc::new(ContextState::default());
-                parts.extensions.insert(Arc::clone(&state));
-                state
-            }
-        };
+        if let Some(state) = parts.extensions.get::<Arc<ContextState>>() {
+            return Ok(Self {
+                state: Arc::clone(state),
+            });
+        }
+        let state = Arc::new(ContextState::default());
+        parts.extensions.insert(Arc::clone(&state));
         Ok(Self { state })
     }
 }

@@ -30,7 +30,9 @@
 //! * [`problem`]: the RFC 9457 problem responses;
 //! * [`config`]: the runtime ([`Idempotency`]), its builder and per-route settings;
 //! * [`extract`] and [`executor`]: what the macro's expansion calls;
-//! * [`layer`]: the tower layer that wires the runtime into a router.
+//! * [`layer`]: the tower layer that wires the runtime into a router, and the router-wide
+//!   [`Policy`] that makes every unsafe route under it idempotent;
+//! * [`testing`]: [`FreshKeys`](testing::FreshKeys), for an application's own tests.
 //!
 //! ## The guarantee
 //!
@@ -51,6 +53,7 @@ mod outage;
 pub mod problem;
 pub mod record;
 pub mod store;
+pub mod testing;
 
 pub use config::{Idempotency, IdempotencyBuilder, RouteConfig, StorePolicy};
 pub use executor::{execute, execute_extracted};

@@ -10,8 +10,8 @@ use super::lease::{Lease, abandon};
 use super::{Work, outcome, respond};
 use crate::config::RouteRef;
 use crate::extract::{Keyed, LayerClaim};
-use crate::key::IdempotencyKey;
 use crate::fingerprint::RecordKey;
+use crate::key::IdempotencyKey;
 use crate::outage::Failure;
 use crate::store::{AcquireRequest, Acquired, OwnerToken};
 

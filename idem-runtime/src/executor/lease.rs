@@ -168,7 +168,9 @@ impl Lease {
 
     /// Whether the route's own idempotency took this lease's claim.
     pub(super) fn is_handed_off(&self) -> bool {
-        self.handed_off.as_ref().is_some_and(|claim| claim.is_taken())
+        self.handed_off
+            .as_ref()
+            .is_some_and(|claim| claim.is_taken())
     }
 
     fn lose(&self) {

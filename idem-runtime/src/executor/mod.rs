@@ -140,9 +140,7 @@ pub(crate) fn execute_layered(
         match settled {
             Settled::Answered(response) => response,
             Settled::Pending(pending) => {
-                pending
-                    .finish(Work::Deferred { call, participants })
-                    .await
+                pending.finish(Work::Deferred { call, participants }).await
             }
         }
     }
@@ -182,7 +180,10 @@ enum Settled {
     Pending(Pending),
 }
 
-/// A request that has to run its handler's extractor, then (for a keyed one) ask the store.
+/// A request that has to run its handler's extractor, then (for a keyed one) ask the store. It
+/// lives once per request, inside the request's future: boxing the keyed variant would only add
+/// an allocation.
+#[allow(clippy::large_enum_variant)]
 enum Pending {
     /// Idempotency does not apply: a safe method, or no key on a route that does not need one.
     Plain,
@@ -202,7 +203,11 @@ enum Pending {
 fn settle(request: IdempotentRequest, route: RouteRef, label: &str, scope: &Scope) -> Settled {
     match request.mode {
         Mode::NoKey(runtime) if route.required => {
-            tracing::debug!(route = label, outcome = "rejected", "idempotency key missing");
+            tracing::debug!(
+                route = label,
+                outcome = "rejected",
+                "idempotency key missing"
+            );
             let problem = Problem::of(ProblemKind::KeyMissing);
             Settled::Answered(runtime.problem_response(&problem))
         }

@@ -10,8 +10,8 @@ use bytes::{Bytes, BytesMut};
 use http::{HeaderName, HeaderValue};
 use http_body_util::BodyExt as _;
 
-use super::outcome;
 use super::lease::Lease;
+use super::outcome;
 use crate::config::Idempotency;
 use crate::outage::Failure;
 use crate::problem::{Problem, ProblemKind};

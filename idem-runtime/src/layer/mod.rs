@@ -97,6 +97,7 @@ impl Idempotency {
 /// runs the requests it covers idempotently. Made by [`Idempotency::layer`]; see the
 /// [module docs](self).
 #[derive(Clone, Debug)]
+#[must_use]
 pub struct IdempotencyLayer {
     runtime: Idempotency,
     policy: Option<Arc<Covered>>,
@@ -194,7 +195,11 @@ where
 
     fn call(&mut self, mut request: Request) -> Self::Future {
         request.extensions_mut().insert(self.runtime.clone());
-        let Some(policy) = self.policy.as_ref().filter(|policy| policy.covers(&request)) else {
+        let Some(policy) = self
+            .policy
+            .as_ref()
+            .filter(|policy| policy.covers(&request))
+        else {
             return Either::Left(self.inner.call(request));
         };
         // The service driven to readiness serves this request; its clone serves the next.
@@ -209,7 +214,8 @@ where
 
 /// The future of [`IdempotencyService`]: the inner service's for a request the policy does not
 /// cover (nothing is boxed on that path), a boxed one for a request it does.
-pub type LayerFuture<F> = Either<F, Map<CoveredFuture, fn(Response) -> Result<Response, Infallible>>>;
+pub type LayerFuture<F> =
+    Either<F, Map<CoveredFuture, fn(Response) -> Result<Response, Infallible>>>;
 
 /// The future of a request a policy covers.
 pub type CoveredFuture = Pin<Box<dyn Future<Output = Response> + Send>>;
@@ -241,7 +247,7 @@ impl Covered {
             .map_or_else(|| "?".to_owned(), |route| route.as_str().to_owned());
         let key = match extract::read_key(&runtime, &request) {
             Ok(key) => key,
-            Err(problem) => return problem,
+            Err(error) => return extract::key_invalid(&runtime, error),
         };
         let Some(key) = key else {
             // No key: the policy's `required` decides; otherwise the request runs as it came.
@@ -317,7 +323,12 @@ type LayerCallOnce = Box<dyn FnOnce(Option<Arc<LayerClaim>>) -> Running + Send>;
 
 /// The rest of the stack, with the request rebuilt from its buffered body (no copy) and the
 /// layer's claim in its extensions for the route's own idempotency to take.
-fn call_rebuilt<S>(inner: S, mut parts: Parts, bytes: Bytes, claim: Option<Arc<LayerClaim>>) -> Running
+fn call_rebuilt<S>(
+    inner: S,
+    mut parts: Parts,
+    bytes: Bytes,
+    claim: Option<Arc<LayerClaim>>,
+) -> Running
 where
     S: Service<Request, Response = Response, Error = Infallible> + Send + 'static,
     S::Future: Send + 'static,
@@ -345,4 +356,3 @@ where
         }
     })
 }
-

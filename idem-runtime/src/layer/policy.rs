@@ -205,7 +205,8 @@ pub(super) enum ScopeRejection {
 }
 
 /// The future a [`ScopeHook`] returns.
-pub(super) type ScopeFuture<'a> = Pin<Box<dyn Future<Output = Result<Scope, ScopeRejection>> + Send + 'a>>;
+pub(super) type ScopeFuture<'a> =
+    Pin<Box<dyn Future<Output = Result<Scope, ScopeRejection>> + Send + 'a>>;
 
 /// How a policy scopes a request, from its parts.
 pub(super) trait ScopeHook: Send + Sync + 'static {
