@@ -17,6 +17,13 @@
 //! * `GET /payments/{id}` — one payment, or `404`.
 //! * `PATCH /payments/{id}` — `#[idempotent(scope = user_id)]` (key optional); body
 //!   `{"description": "…"}` → `200` with the updated payment.
+//! * `POST /payments/{id}/refunds` — **no attribute**: the router-wide [`Policy`] on the layer
+//!   covers it (every `POST` and `PATCH` that carries a key runs once per key, the key optional,
+//!   scoped per user by [`AuthUser`]). Body `{"amount": <integer > 0>}` → `201` with the refund
+//!   and `Location: /payments/{id}/refunds/{refund_id}`; an unknown payment or another user's →
+//!   `404`; refunds adding up to more than the payment → `400 refund-exceeds-payment`
+//!   (deterministic, so recorded and replayed).
+//! * `GET /payments/{id}/refunds` — that payment's refunds, oldest first, or `404`.
 //!
 //! Every request needs `Authorization: Bearer <user>`; the token is the user id.
 //!
@@ -43,11 +50,11 @@ use axum::http::{HeaderValue, StatusCode, header, request::Parts};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use idem_runtime::{Idempotency, idempotent};
+use idem_runtime::{Idempotency, Policy, idempotent};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use self::ledger::{Ledger, UnknownCursor};
+use self::ledger::{Ledger, RefundError, UnknownCursor};
 
 mod ledger;
 
@@ -80,7 +87,8 @@ impl Default for Settings {
     }
 }
 
-/// Builds the router: the four routes, wired to `idem`.
+/// Builds the router: the routes, wired to `idem` with the router-wide policy that covers the
+/// routes without an attribute ([`policy`]).
 pub fn app(idem: &Idempotency, settings: Settings) -> Router {
     let state = AppState {
         ledger: Arc::new(Mutex::new(Ledger::new(settings.ledger_capacity))),
@@ -89,8 +97,18 @@ pub fn app(idem: &Idempotency, settings: Settings) -> Router {
     Router::new()
         .route("/payments", get(list_payments).post(create_payment))
         .route("/payments/{id}", get(get_payment).patch(update_payment))
+        .route(
+            "/payments/{id}/refunds",
+            get(list_refunds).post(create_refund),
+        )
         .with_state(state)
-        .layer(idem.layer())
+        .layer(idem.layer().policy(policy()))
+}
+
+/// The example's router-wide policy: every `POST` and `PATCH` that carries a key is idempotent,
+/// the key optional, scoped per user. The attributed routes keep their own settings.
+pub fn policy() -> Policy {
+    Policy::new().scope_by(|AuthUser(user): &AuthUser| user.clone())
 }
 
 /// A payment as the API returns it.
@@ -115,6 +133,24 @@ pub struct Payment {
 pub struct NewPayment {
     amount: u64,
     currency: String,
+}
+
+/// A refund as the API returns it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Refund {
+    /// `re_` and 16 hex digits.
+    pub id: String,
+    /// The refunded payment.
+    pub payment_id: String,
+    /// Minor units, > 0.
+    pub amount: u64,
+}
+
+/// The body of `POST /payments/{id}/refunds`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewRefund {
+    amount: u64,
 }
 
 /// The body of `PATCH /payments/{id}`.
@@ -336,13 +372,80 @@ async fn update_payment(
     }
 }
 
+/// No attribute: the router-wide policy makes it idempotent (see [`policy`]).
+async fn create_refund(
+    AuthUser(user_id): AuthUser,
+    State(state): State<AppState>,
+    Path(payment_id): Path<String>,
+    ApiJson(new): ApiJson<NewRefund>,
+) -> Result<
+    (
+        StatusCode,
+        [(header::HeaderName, HeaderValue); 1],
+        Json<Refund>,
+    ),
+    ApiProblem,
+> {
+    if new.amount == 0 {
+        return Err(ApiProblem::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid-refund",
+            "Invalid refund",
+            "`amount` must be an integer greater than 0",
+        ));
+    }
+    if !state.settings.processing.is_zero() {
+        tokio::time::sleep(state.settings.processing).await;
+    }
+    let refund = state.ledger().refund(&user_id, &payment_id, || Refund {
+        id: new_id("re"),
+        payment_id: payment_id.clone(),
+        amount: new.amount,
+    });
+    let refund = match refund {
+        Ok(refund) => refund,
+        Err(RefundError::UnknownPayment) => return Err(ApiProblem::not_found(&payment_id)),
+        Err(RefundError::ExceedsPayment { left }) => {
+            return Err(ApiProblem::new(
+                StatusCode::BAD_REQUEST,
+                "refund-exceeds-payment",
+                "Refund exceeds payment",
+                format!("at most {left} of this payment is left to refund"),
+            ));
+        }
+    };
+    let location = HeaderValue::try_from(format!("/payments/{payment_id}/refunds/{}", refund.id))
+        .map_err(|_| ApiProblem::internal())?;
+    Ok((
+        StatusCode::CREATED,
+        [(header::LOCATION, location)],
+        Json(refund),
+    ))
+}
+
+async fn list_refunds(
+    AuthUser(user_id): AuthUser,
+    State(state): State<AppState>,
+    Path(payment_id): Path<String>,
+) -> Result<Json<Vec<Refund>>, ApiProblem> {
+    match state.ledger().refunds(&user_id, &payment_id) {
+        Some(refunds) => Ok(Json(refunds.to_vec())),
+        None => Err(ApiProblem::not_found(&payment_id)),
+    }
+}
+
 fn new_payment_id() -> String {
+    new_id("pay")
+}
+
+/// `prefix`, `_` and 16 hex digits: unique within the process (a counter) and unpredictable across
+/// processes (random keys).
+fn new_id(prefix: &str) -> String {
     static NEXT: AtomicU64 = AtomicU64::new(1);
     static HASHER: std::sync::LazyLock<std::hash::RandomState> =
         std::sync::LazyLock::new(Default::default);
-    // Unique within the process (the counter) and unpredictable across processes (random keys).
     format!(
-        "pay_{:016x}",
+        "{prefix}_{:016x}",
         HASHER.hash_one(NEXT.fetch_add(1, Ordering::Relaxed))
     )
 }

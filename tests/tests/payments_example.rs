@@ -989,3 +989,169 @@ async fn past_the_connection_cap_new_connections_wait_for_a_free_slot() {
     }
     server.stop().await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// Refunds: covered by the router-wide policy, no attribute
+// ---------------------------------------------------------------------------------------------
+
+fn refund(user: Option<&str>, payment: &str, key: Option<&str>, amount: u64) -> Request<Body> {
+    let uri = format!("/payments/{payment}/refunds");
+    call(
+        "POST",
+        &uri,
+        user,
+        key,
+        &format!("{{\"amount\": {amount}}}"),
+    )
+}
+
+/// Creates a payment of `amount` EUR for `user` and returns its id.
+async fn paid(app: &Router, user: &str, key: &str, amount: u64) -> String {
+    let body = format!("{{\"amount\": {amount}, \"currency\": \"EUR\"}}");
+    let created = send(app, pay(Some(user), Some(key), &body)).await;
+    assert_eq!(created.status, StatusCode::CREATED, "{created:?}");
+    created.json()["id"].as_str().expect("an id").to_owned()
+}
+
+/// `POST /payments/{id}/refunds` carries no attribute: the example's router-wide policy makes it
+/// idempotent per user, records the deterministic `400 refund-exceeds-payment`, and leaves
+/// requests without a key unprotected (the key is optional).
+#[tokio::test]
+async fn refunds_are_idempotent_through_the_router_wide_policy() {
+    let app = app();
+    let payment = paid(&app, "ann", "pay-r", 100).await;
+
+    let first = send(&app, refund(Some("ann"), &payment, Some("r1"), 30)).await;
+    assert_eq!(first.status, StatusCode::CREATED, "{first:?}");
+    let created = first.json();
+    let refund_id = created["id"].as_str().expect("a refund id").to_owned();
+    assert!(refund_id.starts_with("re_"), "{created}");
+    assert_eq!(created["payment_id"], payment.as_str());
+    assert_eq!(created["amount"], 30);
+    assert_eq!(
+        first.header(header::LOCATION),
+        Some(format!("/payments/{payment}/refunds/{refund_id}").as_str())
+    );
+    assert!(!first.replayed());
+
+    let retry = send(&app, refund(Some("ann"), &payment, Some("r1"), 30)).await;
+    assert!(retry.replayed(), "{retry:?}");
+    assert_eq!(retry.body, first.body, "byte-identical");
+    let reused = send(&app, refund(Some("ann"), &payment, Some("r1"), 31)).await;
+    reused.assert_problem(422, "idempotency-key-reused");
+
+    let exceeds = send(&app, refund(Some("ann"), &payment, Some("r2"), 80)).await;
+    assert_app_problem(&exceeds, 400, "refund-exceeds-payment");
+    let exceeds_again = send(&app, refund(Some("ann"), &payment, Some("r2"), 80)).await;
+    assert!(exceeds_again.replayed(), "deterministic, so recorded");
+    assert_eq!(exceeds_again.body, exceeds.body);
+
+    // No key: the policy's key is optional, so each request runs.
+    let unkeyed_one = send(&app, refund(Some("ann"), &payment, None, 10)).await;
+    let unkeyed_two = send(&app, refund(Some("ann"), &payment, None, 10)).await;
+    assert_eq!(unkeyed_one.status, StatusCode::CREATED);
+    assert_eq!(unkeyed_two.status, StatusCode::CREATED);
+    assert_ne!(unkeyed_one.json()["id"], unkeyed_two.json()["id"]);
+
+    let listed = send(
+        &app,
+        call(
+            "GET",
+            &format!("/payments/{payment}/refunds"),
+            Some("ann"),
+            None,
+            "",
+        ),
+    )
+    .await;
+    assert_eq!(listed.status, StatusCode::OK);
+    let amounts: Vec<u64> = listed
+        .json()
+        .as_array()
+        .expect("a bare array")
+        .iter()
+        .map(|refund| refund["amount"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        amounts,
+        [30, 10, 10],
+        "oldest first; the replays added nothing"
+    );
+}
+
+/// Another user's payment and an unknown one are `404` for both refund routes; an
+/// unauthenticated refund is the example's `401`, recorded nowhere: the same key then runs.
+#[tokio::test]
+async fn refunds_of_unknown_or_foreign_payments_are_404_and_401_records_nothing() {
+    let app = app();
+    let payment = paid(&app, "ann", "pay-f", 100).await;
+    for (user, id) in [("bob", payment.as_str()), ("ann", "pay_unknown")] {
+        let posted = send(&app, refund(Some(user), id, Some("f1"), 5)).await;
+        assert_app_problem(&posted, 404, "not-found");
+        let listed = send(
+            &app,
+            call(
+                "GET",
+                &format!("/payments/{id}/refunds"),
+                Some(user),
+                None,
+                "",
+            ),
+        )
+        .await;
+        assert_app_problem(&listed, 404, "not-found");
+    }
+    let anonymous = send(&app, refund(None, &payment, Some("f2"), 5)).await;
+    assert_app_problem(&anonymous, 401, "unauthorized");
+    let authenticated = send(&app, refund(Some("ann"), &payment, Some("f2"), 5)).await;
+    assert_eq!(
+        authenticated.status,
+        StatusCode::CREATED,
+        "{authenticated:?}"
+    );
+    assert!(!authenticated.replayed());
+}
+
+/// Over real HTTP, against the `payments` binary: two users with the same key each get their own
+/// refund (the policy scopes keys per user), and each retry replays its own.
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_scopes_refund_keys_per_user() {
+    let payments = PaymentsProcess::start(&[]).await;
+    let addr = payments.addr;
+    let mut refunds = Vec::new();
+    for user in ["ann", "bob"] {
+        let auth = format!("Bearer {user}");
+        let json = ("content-type", "application/json");
+        let pay_key = format!("pay-{user}");
+        let body = br#"{"amount": 50, "currency": "EUR"}"#;
+        let headers = [
+            ("authorization", auth.as_str()),
+            json,
+            (IDEMPOTENCY_KEY, &pay_key),
+        ];
+        let created = raw_exchange(addr, &http1_request("POST", "/payments", &headers, body)).await;
+        assert_eq!(created.status, StatusCode::CREATED, "{created:?}");
+        let payment = created.json()["id"].as_str().unwrap().to_owned();
+        let uri = format!("/payments/{payment}/refunds");
+        let headers = [
+            ("authorization", auth.as_str()),
+            json,
+            (IDEMPOTENCY_KEY, "same"),
+        ];
+        let request = http1_request("POST", &uri, &headers, br#"{"amount": 20}"#);
+        let first = raw_exchange(addr, &request).await;
+        assert_eq!(first.status, StatusCode::CREATED, "{user}: {first:?}");
+        assert!(
+            !first.replayed(),
+            "{user}: the other user's key is not theirs"
+        );
+        let retry = raw_exchange(addr, &request).await;
+        assert!(retry.replayed(), "{user}");
+        assert_eq!(retry.body, first.body);
+        refunds.push(first.json()["id"].as_str().unwrap().to_owned());
+    }
+    assert_ne!(refunds[0], refunds[1]);
+    payments.terminate();
+    payments.assert_clean_exit().await;
+}

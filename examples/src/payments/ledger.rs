@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ops::Bound;
 use std::sync::Arc;
 
-use super::Payment;
+use super::{Payment, Refund};
 
 /// The payments of every user, at most `capacity` of them.
 #[derive(Debug)]
@@ -28,6 +28,17 @@ pub(super) struct Ledger {
 struct Entry {
     owner: Arc<str>,
     payment: Payment,
+    /// The payment's refunds, oldest first.
+    refunds: Vec<Refund>,
+}
+
+/// Why a refund was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum RefundError {
+    /// Not one of the user's payments held by the ledger.
+    UnknownPayment,
+    /// The refunds would add up to more than the payment; `left` may still be refunded.
+    ExceedsPayment { left: u64 },
 }
 
 /// The cursor of a listing is not one of the user's payments held by the ledger.
@@ -68,7 +79,14 @@ impl Ledger {
             .or_default()
             .insert(sequence);
         self.sequences.insert(payment.id.clone(), sequence);
-        self.entries.insert(sequence, Entry { owner, payment });
+        self.entries.insert(
+            sequence,
+            Entry {
+                owner,
+                payment,
+                refunds: Vec::new(),
+            },
+        );
     }
 
     fn drop_oldest(&mut self) {
@@ -95,6 +113,36 @@ impl Ledger {
         self.entries
             .get_mut(&sequence)
             .map(|entry| &mut entry.payment)
+    }
+
+    /// Refunds `amount` of `owner`'s payment `id`, as `refund` says, unless the payment's refunds
+    /// would then add up to more than it.
+    pub(super) fn refund(
+        &mut self,
+        owner: &str,
+        id: &str,
+        refund: impl FnOnce() -> Refund,
+    ) -> Result<Refund, RefundError> {
+        let sequence = self
+            .sequence_of(owner, id)
+            .ok_or(RefundError::UnknownPayment)?;
+        let entry = self
+            .entries
+            .get_mut(&sequence)
+            .ok_or(RefundError::UnknownPayment)?;
+        let refunded: u64 = entry.refunds.iter().map(|refund| refund.amount).sum();
+        let left = entry.payment.amount.saturating_sub(refunded);
+        let refund = refund();
+        if refund.amount > left {
+            return Err(RefundError::ExceedsPayment { left });
+        }
+        entry.refunds.push(refund.clone());
+        Ok(refund)
+    }
+
+    /// The refunds of `owner`'s payment `id`, oldest first.
+    pub(super) fn refunds(&self, owner: &str, id: &str) -> Option<&[Refund]> {
+        self.entry(owner, id).map(|entry| entry.refunds.as_slice())
     }
 
     fn entry(&self, owner: &str, id: &str) -> Option<&Entry> {
@@ -168,6 +216,49 @@ mod tests {
         assert_eq!(ledger.page("ann", Some("nope"), 2), Err(UnknownCursor));
         assert!(ledger.page("carol", None, 2).unwrap().is_empty());
         assert_eq!(ledger.page("carol", Some("a1"), 2), Err(UnknownCursor));
+    }
+
+    #[test]
+    fn refunds_never_add_up_to_more_than_their_payment() {
+        let mut ledger = Ledger::new(10);
+        ledger.insert(
+            "ann",
+            Payment {
+                amount: 100,
+                ..payment("p1")
+            },
+        );
+        let refund = |amount| {
+            move || Refund {
+                id: format!("re_{amount}"),
+                payment_id: "p1".to_owned(),
+                amount,
+            }
+        };
+        assert_eq!(
+            ledger.refund("ann", "p1", refund(60)).map(|r| r.amount),
+            Ok(60)
+        );
+        assert_eq!(
+            ledger.refund("ann", "p1", refund(41)),
+            Err(RefundError::ExceedsPayment { left: 40 })
+        );
+        assert_eq!(
+            ledger.refund("ann", "p1", refund(40)).map(|r| r.amount),
+            Ok(40)
+        );
+        assert_eq!(
+            ledger.refund("bob", "p1", refund(1)),
+            Err(RefundError::UnknownPayment)
+        );
+        let amounts: Vec<u64> = ledger
+            .refunds("ann", "p1")
+            .unwrap()
+            .iter()
+            .map(|r| r.amount)
+            .collect();
+        assert_eq!(amounts, [60, 40]);
+        assert!(ledger.refunds("bob", "p1").is_none());
     }
 
     #[test]
