@@ -53,8 +53,9 @@ LOAD OPTIONS (environment variable in brackets):
                           [default: half the first execution's closed-loop req/s]
     --pool N              keys replayed by the replay scenarios [default 1000]
     --server-threads N    server tokio worker threads         [IDEM_BENCH_SERVER_THREADS, default 2]
-    --only LIST           comma-separated scenario ids (bare is always run): embedded, redis,
-                          floor2, replay-moka, floor-replay, floor1, replay-redis
+    --only LIST           comma-separated scenario ids (bare is always run): embedded,
+                          embedded-policy, redis, floor2, replay-moka, replay-moka-policy,
+                          floor-replay, floor1, replay-redis
     --verbose             print each scenario's Redis command breakdown
 
 MEMORY OPTIONS:
@@ -403,6 +404,10 @@ fn load(options: &Options) -> Result<(), String> {
             replay_pool(instances.tiered, "/idem", options)?;
         }
     }
+    if scenarios.iter().any(|s| s.id == "replay-moka-policy") {
+        prime_pool(instances.tiered, "/policy", options)?;
+        replay_pool(instances.tiered, "/policy", options)?;
+    }
     if scenarios.iter().any(|s| s.id == "floor-replay") {
         prime_pool(instances.floor, "/floor-replay", options)?;
     }
@@ -483,6 +488,14 @@ fn scenarios(instances: &Instances) -> Vec<Scenario> {
             expect_replayed: false,
         },
         Scenario {
+            id: "embedded-policy",
+            name: "first execution, embedded, router-wide",
+            addr: embedded,
+            path: "/policy",
+            keys: |round, _| Keys::Fresh(format!("embedded-policy-{round}")),
+            expect_replayed: false,
+        },
+        Scenario {
             id: "redis",
             name: "first execution, moka + Redis",
             addr: tiered,
@@ -504,6 +517,14 @@ fn scenarios(instances: &Instances) -> Vec<Scenario> {
             addr: tiered,
             path: "/idem",
             keys: |_, pool| Keys::Pool("pool".into(), pool),
+            expect_replayed: true,
+        },
+        Scenario {
+            id: "replay-moka-policy",
+            name: "replay from moka, router-wide (B)",
+            addr: tiered,
+            path: "/policy",
+            keys: |_, pool| Keys::Pool("policy-pool".into(), pool),
             expect_replayed: true,
         },
         Scenario {
@@ -603,18 +624,31 @@ fn measure_once(
 /// Records the replay pool's keys once through `path` at `addr`: through instance B they land in
 /// Redis; through the floor app, in its map.
 fn prime_pool(addr: SocketAddr, path: &'static str, options: &Options) -> Result<(), String> {
-    drive_pool(addr, path, false, options).map_err(|e| format!("recording the replay pool: {e}"))
+    drive_pool(addr, path, pool_prefix(path), false, options)
+        .map_err(|e| format!("recording the replay pool: {e}"))
 }
 
 /// Replays the pool's keys once through `path` at `addr`; every answer must be a replay.
 fn replay_pool(addr: SocketAddr, path: &'static str, options: &Options) -> Result<(), String> {
-    drive_pool(addr, path, true, options).map_err(|e| format!("replaying the pool: {e}"))
+    drive_pool(addr, path, pool_prefix(path), true, options)
+        .map_err(|e| format!("replaying the pool: {e}"))
+}
+
+/// The keys of a route's replay pool: the router-wide route has its own (the same key on another
+/// route is a different request, `422`).
+fn pool_prefix(path: &str) -> &'static str {
+    if path == "/policy" {
+        "policy-pool"
+    } else {
+        "pool"
+    }
 }
 
 /// Sends each of the pool's keys once, expecting replays or first executions.
 fn drive_pool(
     addr: SocketAddr,
     path: &'static str,
+    prefix: &str,
     replayed: bool,
     options: &Options,
 ) -> Result<(), String> {
@@ -626,9 +660,9 @@ fn drive_pool(
         rate: None,
     };
     let keys = if replayed {
-        Keys::Pool("pool".into(), options.pool)
+        Keys::Pool(prefix.into(), options.pool)
     } else {
-        Keys::Fresh("pool".into())
+        Keys::Fresh(prefix.into())
     };
     let target = Target {
         addr,

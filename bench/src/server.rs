@@ -17,7 +17,7 @@ use axum::serve::ListenerExt as _;
 use axum::{Json, Router};
 use http::header::{CONTENT_TYPE, LOCATION};
 use http::{HeaderValue, StatusCode};
-use idem_runtime::{Idempotency, idempotent};
+use idem_runtime::{Idempotency, Policy, idempotent};
 use redis::Script;
 use redis::aio::ConnectionManager;
 use serde::{Deserialize, Serialize};
@@ -165,12 +165,17 @@ pub(crate) fn floor_app(connection: ConnectionManager) -> Router {
         .with_state(connection)
 }
 
-/// `POST /bare` and `POST /idem` over `runtime`.
+/// `POST /bare` and `POST /idem` over `runtime`, and `POST /policy`: the bare handler made
+/// idempotent by a router-wide policy (key required, as `/idem`'s attribute says).
 pub(crate) fn app(runtime: &Idempotency) -> Router {
+    let router_wide = Router::new()
+        .route("/policy", post(bare))
+        .layer(runtime.layer().policy(Policy::new().required(true)));
     Router::new()
         .route("/bare", post(bare))
         .route("/idem", post(idem))
         .layer(runtime.layer())
+        .merge(router_wide)
 }
 
 /// Serves `app` on a free loopback port (HTTP/1.1, keep-alive, `TCP_NODELAY`) on the current tokio
