@@ -22,6 +22,7 @@ pub(crate) enum Key {
     Wait,
     Store,
     StoreBody,
+    ReportOnly,
     Crate,
 }
 
@@ -29,7 +30,7 @@ pub(crate) enum Key {
 /// and a plausible value for messages that spell out the fix. The one place an argument is named:
 /// the runtime's `RouteConfig` setter of an argument has the same name (`scope` and `crate` have
 /// none).
-const KEYS: [(Key, &str, &str); 8] = [
+const KEYS: [(Key, &str, &str); 9] = [
     (Key::Required, "required", "true"),
     (Key::Ttl, "ttl", "\"24h\""),
     (Key::Scope, "scope", "user_id"),
@@ -37,6 +38,7 @@ const KEYS: [(Key, &str, &str); 8] = [
     (Key::Wait, "wait", "\"5s\""),
     (Key::Store, "store", "\"non-5xx\""),
     (Key::StoreBody, "store_body", "false"),
+    (Key::ReportOnly, "report_only", "true"),
     (Key::Crate, "crate", "\"::idem_runtime\""),
 ];
 
@@ -113,6 +115,7 @@ pub(crate) struct Args {
     pub(crate) wait: Option<Arg<u64>>,
     pub(crate) store: Option<Arg<StorePolicy>>,
     pub(crate) store_body: Option<Arg<bool>>,
+    pub(crate) report_only: Option<Arg<bool>>,
     pub(crate) krate: Option<Arg<syn::Path>>,
 }
 
@@ -192,6 +195,7 @@ impl Args {
             Key::Wait => self.wait = keyed(span, duration_value(key, value))?,
             Key::Store => self.store = keyed(span, store_value(value))?,
             Key::StoreBody => self.store_body = keyed(span, bool_value(key, value))?,
+            Key::ReportOnly => self.report_only = keyed(span, bool_value(key, value))?,
             Key::Crate => self.krate = keyed(span, crate_value(value))?,
         }
         Ok(())

@@ -109,6 +109,16 @@ use proc_macro::TokenStream;
 ///
 /// Default: `true`.
 ///
+/// ## `report_only = <bool>`
+///
+/// With `true`, the route never changes a response: every request runs its handler, and idem
+/// records results and logs (at `INFO`, with the outcome) what it would have done instead: a
+/// replay, a `409`, a `422`, a `400` for a missing or malformed key. For turning idempotency on
+/// over live traffic and watching what it would do before enforcing it. Results are recorded as
+/// usual, so the first enforced request after the switch is already protected.
+///
+/// Default: `false`.
+///
 /// ## `crate = "<path>"`
 ///
 /// The path to the runtime crate, for code that reaches it under another name (a re-export, a renamed

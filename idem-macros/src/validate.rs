@@ -263,6 +263,11 @@ fn setters(args: &Args) -> Vec<Setter> {
         setter(Key::Wait, args.wait.as_ref(), SetterValue::Seconds),
         setter(Key::Store, args.store.as_ref(), SetterValue::Store),
         setter(Key::StoreBody, args.store_body.as_ref(), SetterValue::Bool),
+        setter(
+            Key::ReportOnly,
+            args.report_only.as_ref(),
+            SetterValue::Bool,
+        ),
     ]
     .into_iter()
     .flatten()

@@ -418,6 +418,7 @@ pub struct RouteConfig {
     pub(crate) wait: Option<Duration>,
     pub(crate) store: StorePolicy,
     pub(crate) store_body: bool,
+    pub(crate) report_only: bool,
 }
 
 impl RouteConfig {
@@ -435,6 +436,7 @@ impl RouteConfig {
             wait: None,
             store: StorePolicy::NonServerError,
             store_body: true,
+            report_only: false,
         }
     }
 
@@ -471,6 +473,14 @@ impl RouteConfig {
     /// `false` records status and headers only: replays carry an empty body.
     pub const fn store_body(mut self, store_body: bool) -> Self {
         self.store_body = store_body;
+        self
+    }
+
+    /// `true` runs every request and never changes a response: idem still records results and
+    /// logs what it would have done (replay, `409`, `422`, `400`), for rolling it out on live
+    /// traffic before enforcing it.
+    pub const fn report_only(mut self, report_only: bool) -> Self {
+        self.report_only = report_only;
         self
     }
 

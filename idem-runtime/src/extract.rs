@@ -101,6 +101,8 @@ pub(crate) enum Mode {
     Bypass,
     /// No `Idempotency-Key` header.
     NoKey(Idempotency),
+    /// A malformed key: `400`, unless the route only reports.
+    InvalidKey(Idempotency, KeyError),
     /// A valid key: the request takes part.
     Keyed(Keyed),
 }
@@ -231,6 +233,10 @@ where
                 Mode::NoKey(runtime),
                 Box::new(move || Box::pin(whole(request, state))),
             ),
+            Read::InvalidKey(runtime, error, request) => (
+                Mode::InvalidKey(runtime, error),
+                Box::new(move || Box::pin(whole(request, state))),
+            ),
             // The request is rebuilt only if `T` runs: a replay never needs it.
             Read::Keyed(keyed, parts, bytes) => (
                 Mode::Keyed(keyed),
@@ -250,21 +256,24 @@ pub(crate) enum Read {
     Bypass(Request),
     /// No key; the request is untouched.
     NoKey(Idempotency, Request),
+    /// A malformed key; the request is untouched.
+    InvalidKey(Idempotency, KeyError, Request),
     /// A valid key: the body was buffered and the request fingerprinted. The parts and the bytes
     /// rebuild the request.
     Keyed(Keyed, Parts, Bytes),
 }
 
-/// Reads the key (a malformed one is a `400` problem), then, for a keyed request, buffers the body
-/// within axum's body limit (`413` or `400` problems) and fingerprints the request. Shared by the
-/// attribute's wrapper and the router-wide layer, so both forms see a request the same way.
+/// Reads the key, then, for a keyed request, buffers the body within axum's body limit (`413` or
+/// `400` problems) and fingerprints the request. The route decides what a missing or malformed key
+/// means. Used by the attribute's wrapper; the router-wide layer uses the same pieces.
 pub(crate) async fn read(runtime: Idempotency, request: Request) -> Result<Read, Response> {
     if is_safe(request.method()) {
         return Ok(Read::Bypass(request));
     }
-    match read_key(&runtime, &request).map_err(|error| key_invalid(&runtime, error))? {
-        None => Ok(Read::NoKey(runtime, request)),
-        Some(key) => {
+    match read_key(&runtime, &request) {
+        Err(error) => Ok(Read::InvalidKey(runtime, error, request)),
+        Ok(None) => Ok(Read::NoKey(runtime, request)),
+        Ok(Some(key)) => {
             let (keyed, parts, bytes) = read_body(runtime, key, request).await?;
             Ok(Read::Keyed(keyed, parts, bytes))
         }

@@ -48,6 +48,9 @@ pub(super) async fn run(
         return own(lease, &keyed.key, claim.epoch, work).await;
     }
     if runtime.detached_at_bound() {
+        if route.report_only {
+            return run_plain(work).await;
+        }
         return respond::too_many_detached(&runtime);
     }
     let owner = OwnerToken::generate();
@@ -62,6 +65,19 @@ pub(super) async fn run(
         let answer = runtime.store().acquire(request).await;
         if answer.is_ok() {
             runtime.outage().success();
+        }
+        if route.report_only {
+            let would = match &answer {
+                Ok(Acquired::Execute { .. }) => None,
+                Ok(Acquired::Completed { .. }) => Some("replayed"),
+                Ok(Acquired::Mismatch) => Some("mismatch"),
+                Ok(Acquired::InFlight { .. }) => Some("conflict"),
+                Err(_) => Some("store_error"),
+            };
+            if let Some(would) = would {
+                super::report(route.handler, would, "from the store");
+                return run_plain(work).await;
+            }
         }
         match answer {
             Ok(Acquired::Execute { epoch }) => break (epoch, asked_at),
@@ -108,6 +124,14 @@ pub(super) async fn run(
         handed_off: None,
     };
     own(lease, &keyed.key, epoch, work).await
+}
+
+/// Runs the work without a record (a report-only route that idem would have answered).
+async fn run_plain(work: Work) -> Response {
+    match work {
+        Work::Ready(handler) => handler.await,
+        Work::Deferred { call, .. } => call(None).await,
+    }
 }
 
 /// Runs the work as the record's owner: to the end whatever happens to the request, then records

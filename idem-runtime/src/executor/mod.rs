@@ -52,7 +52,7 @@ use crate::config::{RouteConfig, RouteRef};
 use crate::extract::{Idempotent, IdempotentRequest, Keyed, LayerClaim, Mode, Participants};
 use crate::fingerprint::{RecordKey, Scope};
 use crate::problem::{Problem, ProblemKind};
-use crate::store::ReleaseRequest;
+use crate::store::{Cached, ReleaseRequest};
 
 /// Runs one request of an `#[idempotent]` route: `handler` is called with the wrapped extractor's
 /// `T` only if the request is to run.
@@ -203,6 +203,10 @@ enum Pending {
 fn settle(request: IdempotentRequest, route: RouteRef, label: &str, scope: &Scope) -> Settled {
     match request.mode {
         Mode::NoKey(runtime) if route.required => {
+            if route.report_only {
+                report(label, "rejected", "idempotency key missing");
+                return Settled::Pending(Pending::Plain);
+            }
             tracing::debug!(
                 route = label,
                 outcome = "rejected",
@@ -210,6 +214,13 @@ fn settle(request: IdempotentRequest, route: RouteRef, label: &str, scope: &Scop
             );
             let problem = Problem::of(ProblemKind::KeyMissing);
             Settled::Answered(runtime.problem_response(&problem))
+        }
+        Mode::InvalidKey(runtime, error) => {
+            if route.report_only {
+                report(label, "rejected", "invalid Idempotency-Key");
+                return Settled::Pending(Pending::Plain);
+            }
+            Settled::Answered(crate::extract::key_invalid(&runtime, error))
         }
         Mode::Bypass | Mode::NoKey(_) => Settled::Pending(Pending::Plain),
         Mode::Keyed(mut keyed) => {
@@ -239,6 +250,14 @@ fn settle(request: IdempotentRequest, route: RouteRef, label: &str, scope: &Scop
             if adopted.is_none()
                 && let Some(answer) = keyed.runtime.store().cached(&record, &keyed.fingerprint)
             {
+                if route.report_only {
+                    let would = match answer {
+                        Cached::Completed { .. } => "replayed",
+                        Cached::Mismatch => "mismatch",
+                    };
+                    report(label, would, "answered from memory");
+                    return Settled::Pending(Pending::Plain);
+                }
                 let response = span.in_scope(|| respond::cached(&keyed.runtime, answer));
                 return Settled::Answered(response);
             }
@@ -296,6 +315,17 @@ impl Pending {
 /// Records the request's outcome on its span.
 fn outcome(outcome: &'static str) {
     tracing::Span::current().record("outcome", outcome);
+}
+
+/// A report-only route's note of what idem would have answered (`would`: an outcome) instead of
+/// running the handler.
+fn report(label: &str, would: &'static str, why: &str) {
+    tracing::info!(
+        route = label,
+        outcome = "report_only",
+        would,
+        "report-only: the request runs, but idempotency would have answered it ({why})"
+    );
 }
 
 #[cfg(test)]

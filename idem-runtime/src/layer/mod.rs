@@ -247,6 +247,10 @@ impl Covered {
             .map_or_else(|| "?".to_owned(), |route| route.as_str().to_owned());
         let key = match extract::read_key(&runtime, &request) {
             Ok(key) => key,
+            Err(error) if self.route.report_only => {
+                tracing::info!(route = %label, %error, outcome = "report_only", would = "rejected", "report-only: the request runs, but idempotency would have refused its key");
+                return call(inner, request).await;
+            }
             Err(error) => return extract::key_invalid(&runtime, error),
         };
         let Some(key) = key else {
@@ -268,6 +272,9 @@ impl Covered {
         let (mut parts, body) = request.into_parts();
         let scope = match self.scope(&runtime, &mut parts, &label).await {
             Ok(scope) => scope,
+            Err(_) if self.route.report_only => {
+                return call(inner, Request::from_parts(parts, body)).await;
+            }
             Err(response) => return response,
         };
         let request = Request::from_parts(parts, body);

@@ -117,6 +117,15 @@ impl Policy {
         self
     }
 
+    /// `true` runs every covered request and never changes a response: idem still records results
+    /// and logs (at `INFO`, with the outcome) what it would have done instead (a replay, a `409`, a
+    /// `422`, a `400` for a missing or malformed key), for rolling idempotency out over live
+    /// traffic before enforcing it. Default: `false`.
+    pub fn report_only(mut self, report_only: bool) -> Self {
+        self.route = self.route.report_only(report_only);
+        self
+    }
+
     /// Scopes keys by a value taken from the request's parts (never its body), such as the
     /// authenticated user a middleware put in the extensions or a tenant header: two scopes never
     /// share a record. The value's `Display` text is hashed. When `scope` returns `None` the

@@ -13,6 +13,7 @@ use idem_runtime::{Idempotency, idempotent};
     wait = "2m",
     store = "all",
     store_body = false,
+    report_only = false,
     crate = "::idem_runtime",
 )]
 pub async fn rotate_secret(Path(account): Path<u64>, Json(reason): Json<String>) -> String {
