@@ -41,7 +41,7 @@ use crate::config::Idempotency;
 use crate::fingerprint::{Fingerprint, RecordKey};
 use crate::key::{IdempotencyKey, KeyError};
 use crate::problem::{Problem, ProblemKind};
-use crate::store::OwnerToken;
+use crate::store::{OwnerToken, TransactionHandle};
 
 /// The wrapper `#[idempotent]` puts around a handler's last extractor `T`.
 ///
@@ -93,12 +93,14 @@ impl<T> fmt::Debug for Idempotent<T> {
 #[derive(Debug)]
 pub struct IdempotentRequest {
     pub(crate) mode: Mode,
+    /// The store's transaction for this request, when the handler asked for one.
+    pub(crate) transaction: Option<TransactionHandle>,
 }
 
 #[derive(Debug)]
 pub(crate) enum Mode {
     /// A safe method: idempotency does not apply.
-    Bypass,
+    Bypass(Idempotency),
     /// No `Idempotency-Key` header.
     NoKey(Idempotency),
     /// A malformed key: `400`, unless the route only reports.
@@ -223,10 +225,11 @@ where
         let Some(runtime) = request.extensions_mut().remove::<Idempotency>() else {
             return Err(not_configured(&request));
         };
+        let transaction = request.extensions_mut().remove::<TransactionHandle>();
         let state = state.clone();
         let (mode, extraction): (Mode, Extraction<T>) = match read(runtime, request).await? {
-            Read::Bypass(request) => (
-                Mode::Bypass,
+            Read::Bypass(runtime, request) => (
+                Mode::Bypass(runtime),
                 Box::new(move || Box::pin(whole(request, state))),
             ),
             Read::NoKey(runtime, request) => (
@@ -244,7 +247,7 @@ where
             ),
         };
         Ok(Self {
-            request: IdempotentRequest { mode },
+            request: IdempotentRequest { mode, transaction },
             extraction,
         })
     }
@@ -253,7 +256,7 @@ where
 /// A request as idem reads it, before anything runs.
 pub(crate) enum Read {
     /// A safe method: idempotency does not apply; the request is untouched.
-    Bypass(Request),
+    Bypass(Idempotency, Request),
     /// No key; the request is untouched.
     NoKey(Idempotency, Request),
     /// A malformed key; the request is untouched.
@@ -268,7 +271,7 @@ pub(crate) enum Read {
 /// means. Used by the attribute's wrapper; the router-wide layer uses the same pieces.
 pub(crate) async fn read(runtime: Idempotency, request: Request) -> Result<Read, Response> {
     if is_safe(request.method()) {
-        return Ok(Read::Bypass(request));
+        return Ok(Read::Bypass(runtime, request));
     }
     match read_key(&runtime, &request) {
         Err(error) => Ok(Read::InvalidKey(runtime, error, request)),

@@ -66,8 +66,11 @@ impl Attempt {
         }
         match respond::capture(&lease, response).await {
             Captured::Recordable(result, response) => {
-                lease.complete(result).await;
-                response
+                let runtime = lease.runtime.clone();
+                match lease.complete(result).await {
+                    Ok(()) => response,
+                    Err(error) => respond::transaction_failed(&runtime, &error),
+                }
             }
             Captured::Failed(response) => {
                 tracing::warn!("the response body failed while being recorded; key released");

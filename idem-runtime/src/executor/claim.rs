@@ -8,11 +8,12 @@ use axum::response::Response;
 use super::attempt::Attempt;
 use super::lease::{Lease, abandon};
 use super::{Work, outcome, respond};
-use crate::config::RouteRef;
+use crate::config::{Idempotency, RouteRef};
 use crate::extract::{Keyed, LayerClaim};
 use crate::fingerprint::RecordKey;
 use crate::key::IdempotencyKey;
 use crate::outage::Failure;
+use crate::store::TransactionHandle;
 use crate::store::{AcquireRequest, Acquired, OwnerToken};
 
 /// The first pause of a request waiting for a duplicate in flight (`wait`); it doubles up to
@@ -29,6 +30,7 @@ pub(super) async fn run(
     route: RouteRef,
     work: Work,
     adopted: Option<Arc<LayerClaim>>,
+    transaction: Option<TransactionHandle>,
 ) -> Response {
     let runtime = keyed.runtime;
     if let Some(claim) = adopted {
@@ -44,6 +46,7 @@ pub(super) async fn run(
             context: keyed.context,
             request_id: keyed.request_id,
             handed_off: None,
+            transaction: None,
         };
         return own(lease, &keyed.key, claim.epoch, work).await;
     }
@@ -62,7 +65,10 @@ pub(super) async fn run(
             .after_memory_miss();
         // The lease runs from no earlier than the moment it was asked for.
         let asked_at = tokio::time::Instant::now();
-        let answer = runtime.store().acquire(request).await;
+        let answer = match &transaction {
+            Some(transaction) => transaction.0.claim(request).await,
+            None => runtime.store().acquire(request).await,
+        };
         if answer.is_ok() {
             runtime.outage().success();
         }
@@ -122,8 +128,30 @@ pub(super) async fn run(
         context: keyed.context,
         request_id: keyed.request_id,
         handed_off: None,
+        transaction,
     };
     own(lease, &keyed.key, epoch, work).await
+}
+
+/// A request that ran without a record, in the store's transaction: committed when the route
+/// would have recorded the response, rolled back otherwise. A commit that fails answers `503`
+/// (the handler's writes are gone, so the request was not processed).
+pub(super) async fn settle_plain(
+    runtime: &Idempotency,
+    transaction: &TransactionHandle,
+    route: &RouteRef,
+    response: Response,
+) -> Response {
+    if !route.store.records(response.status()) {
+        if let Err(error) = transaction.0.rollback().await {
+            tracing::warn!(%error, "rolling back the handler's transaction failed");
+        }
+        return response;
+    }
+    match transaction.0.commit(None).await {
+        Ok(_) => response,
+        Err(error) => respond::transaction_failed(runtime, &error),
+    }
 }
 
 /// Runs the work without a record (a report-only route that idem would have answered).

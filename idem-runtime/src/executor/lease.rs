@@ -12,7 +12,9 @@ use crate::config::{Idempotency, RouteRef};
 use crate::extract::{ContextState, LayerClaim};
 use crate::fingerprint::{Fingerprint, RecordKey};
 use crate::record::RecordedResult;
-use crate::store::{CompleteRequest, OwnerToken, ReleaseRequest, RenewRequest, StoreError};
+use crate::store::{
+    CompleteRequest, OwnerToken, ReleaseRequest, RenewRequest, StoreError, TransactionHandle,
+};
 
 /// The first pause before retrying a completion the store refused to take; it doubles up to
 /// [`MAX_COMPLETE_PAUSE`].
@@ -38,6 +40,9 @@ pub(super) struct Lease {
     /// The claim this lease's holder, a router-wide layer, handed to the route's own idempotency:
     /// once that takes it, this holder neither renews, records nor releases.
     pub(super) handed_off: Option<Arc<LayerClaim>>,
+    /// The store's transaction the claim was made in (transactional mode): it holds the record
+    /// until it commits or rolls back, so nothing is renewed, and completing means committing.
+    pub(super) transaction: Option<TransactionHandle>,
 }
 
 impl Lease {
@@ -45,6 +50,9 @@ impl Lease {
     /// the lease needs no renewal; a slower one gets a heartbeat in a task of its own from then on,
     /// stopped when `work` finishes.
     pub(super) async fn hold_while<F: Future>(&self, work: F) -> F::Output {
+        if self.transaction.is_some() {
+            return work.await;
+        }
         let mut work = std::pin::pin!(work);
         tokio::select! {
             biased;
@@ -104,8 +112,21 @@ impl Lease {
     }
 
     /// Records the result. If the store cannot be reached, keeps trying in the background for as
-    /// long as the lease would last, so a retry finds the result rather than running again.
-    pub(super) async fn complete(self, result: Arc<RecordedResult>) {
+    /// long as the lease would last, so a retry finds the result rather than running again: the
+    /// handler's effects happened, so its response goes out either way (`Ok`).
+    ///
+    /// In transactional mode, recording is committing the handler's transaction: when that fails
+    /// nothing happened, and the error says so (the response must not go out).
+    pub(super) async fn complete(self, result: Arc<RecordedResult>) -> Result<(), StoreError> {
+        if let Some(transaction) = &self.transaction {
+            return match transaction.0.commit(Some(self.completion(&result))).await {
+                Ok(true) => Ok(()),
+                Ok(false) => Err(StoreError::Unavailable(
+                    "the transaction no longer holds its claim".into(),
+                )),
+                Err(error) => Err(error),
+            };
+        }
         match self
             .runtime
             .store()
@@ -125,6 +146,7 @@ impl Lease {
                 runtime.spawn(self.complete_later(result).in_current_span());
             }
         }
+        Ok(())
     }
 
     async fn complete_later(self, result: Arc<RecordedResult>) {
@@ -158,8 +180,15 @@ impl Lease {
         )
     }
 
-    /// Gives the key up so a retry runs again. Failure is logged: the lease then simply expires.
+    /// Gives the key up so a retry runs again (in transactional mode: rolls the transaction back,
+    /// with the handler's writes). Failure is logged: the lease then simply expires.
     pub(super) async fn release(&self) {
+        if let Some(transaction) = &self.transaction {
+            if let Err(error) = transaction.0.rollback().await {
+                tracing::warn!(%error, "rolling back the handler's transaction failed; the database rolls it back when its connection closes");
+            }
+            return;
+        }
         let release = ReleaseRequest::new(&self.record, self.owner);
         if let Err(error) = self.runtime.store().release(release).await {
             tracing::warn!(%error, "releasing the key failed; it frees itself when the lease expires");

@@ -48,11 +48,11 @@ use axum::response::{IntoResponse, Response};
 use tracing::{Instrument as _, field};
 
 pub use self::respond::{IDEMPOTENT_REPLAYED, IDEMPOTENT_UNPROTECTED, ORIGINAL_REQUEST};
-use crate::config::{RouteConfig, RouteRef};
+use crate::config::{Idempotency, RouteConfig, RouteRef};
 use crate::extract::{Idempotent, IdempotentRequest, Keyed, LayerClaim, Mode, Participants};
 use crate::fingerprint::{RecordKey, Scope};
 use crate::problem::{Problem, ProblemKind};
-use crate::store::{Cached, ReleaseRequest};
+use crate::store::{Cached, ReleaseRequest, TransactionHandle};
 
 /// Runs one request of an `#[idempotent]` route: `handler` is called with the wrapped extractor's
 /// `T` only if the request is to run.
@@ -186,7 +186,12 @@ enum Settled {
 #[allow(clippy::large_enum_variant)]
 enum Pending {
     /// Idempotency does not apply: a safe method, or no key on a route that does not need one.
-    Plain,
+    /// A transaction the handler opens is committed when the route would record the response.
+    Plain {
+        runtime: Idempotency,
+        transaction: Option<TransactionHandle>,
+        route: RouteRef,
+    },
     Keyed {
         keyed: Keyed,
         record: RecordKey,
@@ -194,6 +199,8 @@ enum Pending {
         span: tracing::Span,
         /// An outer layer's claim on this very record, adopted instead of acquiring.
         adopted: Option<Arc<LayerClaim>>,
+        /// The store's transaction the claim is made in (transactional mode).
+        transaction: Option<TransactionHandle>,
     },
 }
 
@@ -201,11 +208,19 @@ enum Pending {
 /// (the handler's extractor never runs for it, so such a replay does not parse the body). An outer
 /// layer's claim is taken here: adopted if it names this request's record, given back otherwise.
 fn settle(request: IdempotentRequest, route: RouteRef, label: &str, scope: &Scope) -> Settled {
+    let transaction = request.transaction;
+    let plain = |runtime, route, transaction| {
+        Settled::Pending(Pending::Plain {
+            runtime,
+            transaction,
+            route,
+        })
+    };
     match request.mode {
         Mode::NoKey(runtime) if route.required => {
             if route.report_only {
                 report(label, "rejected", "idempotency key missing");
-                return Settled::Pending(Pending::Plain);
+                return plain(runtime, route, transaction);
             }
             tracing::debug!(
                 route = label,
@@ -218,11 +233,11 @@ fn settle(request: IdempotentRequest, route: RouteRef, label: &str, scope: &Scop
         Mode::InvalidKey(runtime, error) => {
             if route.report_only {
                 report(label, "rejected", "invalid Idempotency-Key");
-                return Settled::Pending(Pending::Plain);
+                return plain(runtime, route, transaction);
             }
             Settled::Answered(crate::extract::key_invalid(&runtime, error))
         }
-        Mode::Bypass | Mode::NoKey(_) => Settled::Pending(Pending::Plain),
+        Mode::Bypass(runtime) | Mode::NoKey(runtime) => plain(runtime, route, transaction),
         Mode::Keyed(mut keyed) => {
             let record = RecordKey::new(scope, &keyed.key);
             let span = tracing::debug_span!(
@@ -232,21 +247,7 @@ fn settle(request: IdempotentRequest, route: RouteRef, label: &str, scope: &Scop
                 outcome = field::Empty,
                 epoch = field::Empty,
             );
-            let adopted = keyed.claim.take().and_then(|claim| {
-                claim.take(&keyed.method, keyed.matched.as_ref().map(MatchedPath::as_str));
-                if claim.record == record && claim.fingerprint == keyed.fingerprint {
-                    return Some(claim);
-                }
-                // Another record: give the layer's claim back, then claim this one as usual.
-                let store = Arc::clone(keyed.runtime.store());
-                keyed.runtime.spawn(async move {
-                    let release = ReleaseRequest::new(&claim.record, claim.owner);
-                    if let Err(error) = store.release(release).await {
-                        tracing::debug!(%error, "giving back a router-wide claim failed; its lease will expire");
-                    }
-                });
-                None
-            });
+            let adopted = take_layer_claim(&mut keyed, &record, transaction.is_some());
             if adopted.is_none()
                 && let Some(answer) = keyed.runtime.store().cached(&record, &keyed.fingerprint)
             {
@@ -256,7 +257,7 @@ fn settle(request: IdempotentRequest, route: RouteRef, label: &str, scope: &Scop
                         Cached::Mismatch => "mismatch",
                     };
                     report(label, would, "answered from memory");
-                    return Settled::Pending(Pending::Plain);
+                    return plain(keyed.runtime, route, transaction);
                 }
                 let response = span.in_scope(|| respond::cached(&keyed.runtime, answer));
                 return Settled::Answered(response);
@@ -267,9 +268,36 @@ fn settle(request: IdempotentRequest, route: RouteRef, label: &str, scope: &Scop
                 route,
                 span,
                 adopted,
+                transaction,
             })
         }
     }
+}
+
+/// Takes an outer router-wide layer's claim, if there is one: adopted when it names this request's
+/// record and fingerprint (and the claim is not to be made in the handler's transaction), otherwise
+/// given back (released) so that this request claims its own record as usual.
+fn take_layer_claim(
+    keyed: &mut Keyed,
+    record: &RecordKey,
+    transactional: bool,
+) -> Option<Arc<LayerClaim>> {
+    let claim = keyed.claim.take()?;
+    claim.take(
+        &keyed.method,
+        keyed.matched.as_ref().map(MatchedPath::as_str),
+    );
+    if !transactional && claim.record == *record && claim.fingerprint == keyed.fingerprint {
+        return Some(claim);
+    }
+    let store = Arc::clone(keyed.runtime.store());
+    keyed.runtime.spawn(async move {
+        let release = ReleaseRequest::new(&claim.record, claim.owner);
+        if let Err(error) = store.release(release).await {
+            tracing::debug!(%error, "giving back a router-wide claim failed; its lease will expire");
+        }
+    });
+    None
 }
 
 impl Pending {
@@ -277,18 +305,31 @@ impl Pending {
     /// plain request, the store and the handler for a keyed one.
     async fn finish(self, work: Work) -> Response {
         match self {
-            Self::Plain => match work {
-                Work::Ready(handler) => handler.await,
-                Work::Deferred { call, .. } => call(None).await,
-            },
+            Self::Plain {
+                runtime,
+                transaction,
+                route,
+            } => {
+                let response = match work {
+                    Work::Ready(handler) => handler.await,
+                    Work::Deferred { call, .. } => call(None).await,
+                };
+                match transaction {
+                    None => response,
+                    Some(transaction) => {
+                        claim::settle_plain(&runtime, &transaction, &route, response).await
+                    }
+                }
+            }
             Self::Keyed {
                 keyed,
                 record,
                 route,
                 span,
                 adopted,
+                transaction,
             } => {
-                claim::run(keyed, record, route, work, adopted)
+                claim::run(keyed, record, route, work, adopted, transaction)
                     .instrument(span)
                     .await
             }

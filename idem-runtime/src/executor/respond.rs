@@ -90,6 +90,15 @@ pub(super) fn store_unavailable(runtime: &Idempotency, error: &StoreError) -> Re
     runtime.problem_response(&problem)
 }
 
+/// `503`: the handler's transaction could not be committed, so its writes and the claim rolled
+/// back; the request was not processed and a retry runs cleanly.
+pub(super) fn transaction_failed(runtime: &Idempotency, error: &StoreError) -> Response {
+    outcome("store_error");
+    tracing::warn!(%error, "committing the handler's transaction failed: answered 503");
+    let problem = Problem::of(ProblemKind::StoreUnavailable).with_retry_after(STORE_RETRY_AFTER);
+    runtime.problem_response(&problem)
+}
+
 /// `503`: as many handlers run detached from their requests as the runtime allows.
 pub(super) fn too_many_detached(runtime: &Idempotency) -> Response {
     outcome("overloaded");

@@ -257,6 +257,7 @@ impl Covered {
             // No key: the policy's `required` decides; otherwise the request runs as it came.
             let request_mode = IdempotentRequest {
                 mode: Mode::NoKey(runtime),
+                transaction: None,
             };
             let call: LayerCallOnce = Box::new(move |_| call(inner, request));
             return execute_layered(
@@ -290,6 +291,7 @@ impl Covered {
         execute_layered(
             IdempotentRequest {
                 mode: Mode::Keyed(keyed),
+                transaction: None,
             },
             self.route.clone(),
             &label,

@@ -110,6 +110,40 @@ pub trait Store: Send + Sync + 'static {
     }
 }
 
+/// A claim made inside a transaction the handler writes through, so that the claim, the handler's
+/// writes and the recorded response commit together or not at all (PostgreSQL's transactional
+/// mode). A store that offers it gives the handler an extractor that puts a [`TransactionHandle`]
+/// in the request; the executor then claims, records and commits through the handle instead of the
+/// store's own transitions.
+///
+/// Unlike a lease, an open transaction needs no renewal: it holds the record until it commits or
+/// rolls back, and a crashed instance's transaction rolls back by itself, freeing the key at once.
+pub trait Transactional: Send + Sync + 'static {
+    /// Opens the transaction (if the handler has not already) and claims the record in it, with
+    /// [`Store::acquire`]'s answers. A claim that does not answer `Execute` leaves no
+    /// transaction open.
+    fn claim<'a>(&'a self, request: AcquireRequest<'a>) -> StoreFuture<'a, Acquired>;
+
+    /// Records `record` (when given) in the transaction and commits it: `Ok(true)` committed,
+    /// `Ok(false)` the record is no longer the caller's (rolled back). Without a transaction (the
+    /// handler never asked for one) it is `Ok(true)` and does nothing.
+    fn commit<'a>(&'a self, record: Option<CompleteRequest<'a>>) -> StoreFuture<'a, bool>;
+
+    /// Rolls the transaction back, if one is open: the handler's writes and the claim vanish.
+    fn rollback(&self) -> StoreFuture<'_, ()>;
+}
+
+/// The [`Transactional`] claim of one request, as a store's extractor leaves it in the request's
+/// extensions for the executor.
+#[derive(Clone)]
+pub struct TransactionHandle(pub Arc<dyn Transactional>);
+
+impl std::fmt::Debug for TransactionHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TransactionHandle")
+    }
+}
+
 /// The arguments of [`Store::acquire`].
 #[derive(Debug, Clone, Copy)]
 #[non_exhaustive]
