@@ -515,10 +515,15 @@ async fn an_invalid_key_is_a_400_before_the_handler() {
 
 /// Safe methods are never affected (DESIGN.md section 4): a `GET` with a key, even a malformed
 /// one, runs every time and records nothing, and one without a key is not refused by a required
-/// policy.
+/// policy; also under a policy that lists `GET` among its methods (`Policy::methods`: safe
+/// methods always pass through).
 #[tokio::test]
 async fn safe_methods_are_untouched_even_with_a_key() {
     assert_get_is_untouched(&Fixture::new(Policy::new().required(true))).await;
+    let listing_get = Policy::new()
+        .required(true)
+        .methods([Method::GET, Method::POST]);
+    assert_get_is_untouched(&Fixture::new(listing_get)).await;
 }
 
 /// Sends `GET /orders` with keys (a malformed one too) and without, checking that each runs and
