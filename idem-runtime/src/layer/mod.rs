@@ -221,11 +221,11 @@ pub type LayerFuture<F> =
 pub type CoveredFuture = Pin<Box<dyn Future<Output = Response> + Send>>;
 
 impl Covered {
-    /// Whether the policy runs this request: a covered method, on a route neither exempt nor
-    /// known to have idempotency of its own.
+    /// Whether the policy runs this request: a covered method (never a safe one, even if listed),
+    /// on a route neither exempt nor known to have idempotency of its own.
     fn covers(&self, request: &Request) -> bool {
         let method = request.method();
-        if !self.methods.contains(method) {
+        if method.is_safe() || !self.methods.contains(method) {
             return false;
         }
         let Some(route) = request.extensions().get::<MatchedPath>() else {
