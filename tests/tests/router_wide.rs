@@ -1143,8 +1143,9 @@ async fn with_a_different_scope_the_claim_is_given_back_and_the_handler_runs_onc
 
 /// The policy's `required(true)` is checked at the layer for every route it covers, attributed
 /// ones included (the module docs say so): an `#[idempotent(scope = user)]` handler that makes
-/// the key optional still answers a keyless request with `400` under a required policy.
-/// Exempting the route lets the attribute make the key optional.
+/// the key optional still answers a keyless request with `400` under a required policy — before
+/// and after the layer has handed the route over to the attribute. Exempting the route lets the
+/// attribute make the key optional.
 #[tokio::test]
 async fn a_required_policy_is_checked_at_the_layer_even_for_an_optional_attribute() {
     let fx = Overridden::new(attributed_optional, |_| Policy::new().required(true));
@@ -1160,6 +1161,10 @@ async fn a_required_policy_is_checked_at_the_layer_even_for_an_optional_attribut
             .await
             .replayed()
     );
+    // The route is now left to the attribute, but the policy's `required` still holds.
+    fx.send(as_user("/accounts", Some("ann"), None, "x"))
+        .await
+        .assert_problem(400, "idempotency-key-missing");
     assert_eq!(fx.ledger.runs(), 1);
 
     let exempt = Overridden::new(attributed_optional, |_| {
@@ -1329,6 +1334,38 @@ async fn a_nested_routers_policy_applies_under_an_outer_policy() {
     let kept = send(&app, keyed("POST", "/top/1", "t", "x")).await;
     assert!(kept.replayed(), "the outer policy's 24 h ttl applies");
     assert_eq!(kept.body, top.body);
+}
+
+/// An outer policy's `required(true)` holds for the routes of a nested router whose own policy
+/// makes keys optional, as it does for an attributed route: the outer layer checks it for every
+/// route it covers, before and after it has left the route to the inner policy.
+#[tokio::test]
+async fn an_outer_required_policy_holds_for_a_nested_route_with_an_optional_policy() {
+    let idem = Idempotency::builder().build();
+    let ledger = Ledger::new();
+    let inner = Router::new()
+        .route("/a", post(create))
+        .layer(idem.layer().policy(Policy::new()));
+    let app = Router::new()
+        .nest("/v2", inner)
+        .with_state(ledger.clone())
+        .layer(idem.layer().policy(Policy::new().required(true)));
+    send(&app, unkeyed("POST", "/v2/a", "x"))
+        .await
+        .assert_problem(400, "idempotency-key-missing");
+    assert_eq!(
+        send(&app, keyed("POST", "/v2/a", "k", "x")).await.text(),
+        "run 1: x"
+    );
+    assert!(
+        send(&app, keyed("POST", "/v2/a", "k", "x"))
+            .await
+            .replayed()
+    );
+    send(&app, unkeyed("POST", "/v2/a", "x"))
+        .await
+        .assert_problem(400, "idempotency-key-missing");
+    assert_eq!(ledger.runs(), 1);
 }
 
 /// `Policy::exempt` names a route as axum's `MatchedPath` does, which under `Router::nest` is the
