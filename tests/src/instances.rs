@@ -1,8 +1,8 @@
 //! App instances over a shared Redis, as the Redis and fault tests run them side by side: each
 //! [`RedisInstance`] is a runtime over its own [`TieredStore`] in front of a [`RedisStore`]
-//! connection, and a router behind that runtime's layer, so two of them over one `redis-server`
-//! are two replicas of one service. Plus what those tests read back from Redis: [`record_key`],
-//! [`record_exists`].
+//! connection, and a router behind that runtime's layer (with a router-wide [`Policy`] or without),
+//! so two of them over one `redis-server` are two replicas of one service. Plus what those tests
+//! read back from Redis: [`record_key`], [`record_exists`].
 //!
 //! ```no_run
 //! # async fn demo(redis: &idem_tests::redis::RedisServer, routes: axum::Router<idem_tests::support::Ledger>) {
@@ -30,7 +30,7 @@ use http::Request;
 use idem_runtime::fingerprint::{RecordKey, Scope};
 use idem_runtime::key::IdempotencyKey;
 use idem_runtime::store::{RedisConfig, RedisStore, Store, TieredStore};
-use idem_runtime::{Idempotency, IdempotencyBuilder};
+use idem_runtime::{Idempotency, IdempotencyBuilder, Policy};
 use tokio::task::JoinHandle;
 
 use crate::redis::RedisServer;
@@ -85,12 +85,37 @@ impl<S: Clone + Send + Sync + 'static> RedisInstance<S> {
         routes: Router<S>,
         state: S,
     ) -> Self {
+        let app = |idem: &Idempotency| support::idempotent_app(idem, routes, state.clone());
+        Self::start_behind(url, runtime, app, state.clone()).await
+    }
+
+    /// [`RedisInstance::start`] with `policy` on the layer: the router-wide form, where every
+    /// route the policy covers is idempotent without the attribute.
+    pub async fn start_router_wide(
+        url: &str,
+        runtime: IdempotencyBuilder,
+        policy: Policy,
+        routes: Router<S>,
+        state: S,
+    ) -> Self {
+        let app =
+            |idem: &Idempotency| support::router_wide_app(idem, policy, routes, state.clone());
+        Self::start_behind(url, runtime, app, state.clone()).await
+    }
+
+    /// Builds the runtime over a tiered store on `url`, and the router `app` makes behind it.
+    async fn start_behind(
+        url: &str,
+        runtime: IdempotencyBuilder,
+        app: impl FnOnce(&Idempotency) -> Router,
+        state: S,
+    ) -> Self {
         let store = Arc::new(TieredStore::new(connect_redis(url).await));
         let idem = runtime
             .shared_store(Arc::clone(&store) as Arc<dyn Store>)
             .build();
         Self {
-            router: support::idempotent_app(&idem, routes, state.clone()),
+            router: app(&idem),
             idem,
             store,
             state,

@@ -1,7 +1,8 @@
 //! Helpers shared by the behaviour tests (`tests/tests/*.rs`): assembling an app
-//! ([`idempotent_app`]), building and sending requests in process (at once, on a task of their own,
-//! or again while they are in progress) or over raw TCP, reading replies, checking problem
-//! documents, bounded waits ([`within`], [`answered_within`], [`wait_until`]), and a [`Ledger`]
+//! ([`idempotent_app`], or [`router_wide_app`] for the router-wide form), building and sending
+//! requests in process (at once, on a task of their own, or again while they are in progress) or
+//! over raw TCP, reading replies, checking problem documents, bounded waits ([`within`],
+//! [`answered_within`], [`wait_until`]), and a [`Ledger`]
 //! that counts handler executions and can hold a handler at a gate.
 //!
 //! ```no_run
@@ -25,7 +26,7 @@ use axum::body::Body;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Request, StatusCode, header};
 use http_body_util::BodyExt as _;
-use idem_runtime::Idempotency;
+use idem_runtime::{Idempotency, Policy};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
@@ -258,6 +259,15 @@ where
     S: Clone + Send + Sync + 'static,
 {
     routes.with_state(state).layer(idem.layer())
+}
+
+/// `routes` given their `state`, behind `idem`'s layer carrying `policy`: every route the policy
+/// covers is idempotent without the attribute (the router-wide form).
+pub fn router_wide_app<S>(idem: &Idempotency, policy: Policy, routes: Router<S>, state: S) -> Router
+where
+    S: Clone + Send + Sync + 'static,
+{
+    routes.with_state(state).layer(idem.layer().policy(policy))
 }
 
 /// A request with `method`, `uri`, an `Idempotency-Key` (used verbatim as the header value) and

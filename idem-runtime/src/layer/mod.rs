@@ -38,8 +38,9 @@
 //!   before calling it, so on the first request to such a route it claims the record as the
 //!   policy says and hands the claim to the attribute, which adopts it when it names the same
 //!   record (same scope and fingerprint) and gives it back otherwise; from then on the layer
-//!   leaves that route to the attribute. The policy's `required` is checked at the layer for
-//!   every route it covers: exempt a route to let its attribute make the key optional.
+//!   leaves that route's keyed requests to the attribute. The policy's `required` is checked at
+//!   the layer for every route it covers, before and after: exempt a route to let its attribute
+//!   make the key optional.
 //! * **Nested routers** carry their own policy by layering the nested router; a request covered by
 //!   two policies is run by the inner one, which takes the outer layer's claim as the attribute
 //!   does.
@@ -70,8 +71,8 @@ use axum::response::Response;
 use bytes::Bytes;
 use futures_util::FutureExt as _;
 use futures_util::future::{Either, Map};
-use http::Method;
 use http::request::Parts;
+use http::{HeaderName, Method};
 use tower_layer::Layer;
 use tower_service::Service;
 
@@ -195,10 +196,11 @@ where
 
     fn call(&mut self, mut request: Request) -> Self::Future {
         request.extensions_mut().insert(self.runtime.clone());
+        let key_header = self.runtime.key_header();
         let Some(policy) = self
             .policy
             .as_ref()
-            .filter(|policy| policy.covers(&request))
+            .filter(|policy| policy.covers(&request, key_header))
         else {
             return Either::Left(self.inner.call(request));
         };
@@ -221,19 +223,22 @@ pub type LayerFuture<F> =
 pub type CoveredFuture = Pin<Box<dyn Future<Output = Response> + Send>>;
 
 impl Covered {
-    /// Whether the policy runs this request: a covered method, on a route neither exempt nor
-    /// known to have idempotency of its own.
-    fn covers(&self, request: &Request) -> bool {
+    /// Whether the policy runs this request: a covered method (never a safe one, even if listed),
+    /// on a route that is not exempt. A route known to have idempotency of its own is left to it,
+    /// except for a request without a key (`key_header`), which still meets the policy's
+    /// `required`.
+    fn covers(&self, request: &Request, key_header: &HeaderName) -> bool {
         let method = request.method();
-        if !self.methods.contains(method) {
+        if method.is_safe() || !self.methods.contains(method) {
             return false;
         }
         let Some(route) = request.extensions().get::<MatchedPath>() else {
             return true;
         };
         let route = route.as_str();
-        !self.exempt.iter().any(|exempt| exempt == route)
-            && !self.participants.contains(method, route)
+        let left_to_the_route =
+            self.participants.contains(method, route) && request.headers().contains_key(key_header);
+        !self.exempt.iter().any(|exempt| exempt == route) && !left_to_the_route
     }
 
     async fn run<S>(self: Arc<Self>, runtime: Idempotency, inner: S, request: Request) -> Response
