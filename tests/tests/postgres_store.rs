@@ -465,9 +465,18 @@ async fn a_killed_server_restarts_with_its_data_and_the_store_recovers() {
     server.kill();
     assert!(!server.is_running());
     assert!(!server.is_ready());
-    // The pool's idle connection is dead and the database refuses new ones: the store finds
-    // the broken connection, checks, and fails at once rather than letting sqlx's pool retry
-    // until the acquire timeout. Again and again while the database is down.
+    // The database refuses connections. The first call finds the pool's idle connection dead
+    // (and fails at once), or, when the pool had already dropped it, waits while sqlx's pool
+    // retries the refused connection until the acquire timeout; either way the store now knows
+    // the database is down, and every later call fails at once.
+    let started = Instant::now();
+    let first = within("a purge", store.purge_expired()).await;
+    assert!(first.is_err(), "{first:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
     for _ in 0..3 {
         let started = Instant::now();
         let outcome = within("a purge", store.purge_expired()).await;

@@ -210,10 +210,10 @@ async fn a_claim_rolled_back_leaves_nothing_and_the_key_is_free_at_once() {
     let store = store(&server).await;
     let (k, fp) = (key("pay-2"), print("20 EUR"));
 
-    // Dropped (a panic, a 5xx): the row and the record go.
+    // Rolled back: the row and the record go, and the key is free at once.
     let (_, mut transaction) = execute(claim(&store, &k, OwnerToken::generate(), &fp).await);
     pay(&mut transaction, "p2", 20).await;
-    drop(transaction);
+    within("rollback", transaction.rollback()).await.unwrap();
     let started = Instant::now();
     let (epoch, mut transaction) = execute(claim(&store, &k, OwnerToken::generate(), &fp).await);
     assert!(
@@ -230,8 +230,28 @@ async fn a_claim_rolled_back_leaves_nothing_and_the_key_is_free_at_once() {
         (0, 0)
     );
 
-    // Rolled back explicitly: the same.
+    // Dropped (a panic): the same, once the pool has taken the connection back and sent the
+    // rollback, a round trip later; meanwhile a duplicate is told in flight.
     pay(&mut transaction, "p2", 20).await;
+    drop(transaction);
+    let dropped = Instant::now();
+    let transaction = loop {
+        match claim(&store, &k, OwnerToken::generate(), &fp).await {
+            TransactionalClaim::Execute { epoch, transaction } => {
+                assert_eq!(epoch, 1);
+                break transaction;
+            }
+            TransactionalClaim::InFlight { .. } => {
+                assert!(dropped.elapsed() < Duration::from_millis(100), "still held");
+                tokio::task::yield_now().await;
+            }
+            other => panic!("{other:?}"),
+        }
+    };
+    println!(
+        "a dropped claim freed its key after {:?}",
+        dropped.elapsed()
+    );
     within("rollback", transaction.rollback()).await.unwrap();
     assert_eq!(
         (records(store.pool()).await, payments(store.pool()).await),
@@ -253,10 +273,10 @@ async fn a_claim_rolled_back_leaves_nothing_and_the_key_is_free_at_once() {
         .unwrap();
     let (epoch, transaction) = execute(claim(&store, &k, OwnerToken::generate(), &fp).await);
     assert_eq!(epoch, 2);
-    drop(transaction);
+    within("rollback", transaction.rollback()).await.unwrap();
     let (epoch, transaction) = execute(claim(&store, &k, OwnerToken::generate(), &fp).await);
     assert_eq!(epoch, 2, "the takeover rolled back with its transaction");
-    drop(transaction);
+    within("rollback", transaction.rollback()).await.unwrap();
     let state: (String, i64) = within(
         "the record",
         sqlx::query_as("SELECT state, epoch FROM idem_records").fetch_one(store.pool()),

@@ -25,7 +25,11 @@ use crate::store::{AcquireRequest, Acquired, CompleteRequest, StoreError};
 /// * a rollback, a `5xx` the executor does not record, a panic (the transaction is dropped), a
 ///   crash of the process or a lost connection (PostgreSQL rolls the transaction back) leave the
 ///   record as it was before the claim (absent, or released) and nothing of the handler's writes:
-///   the key is free at once, with no lease to wait out, and a retry runs cleanly;
+///   the key is free with no lease to wait out, and a retry runs cleanly. Free at once after
+///   `transaction.rollback().await` returns; a dropped transaction is rolled back when the pool
+///   takes its connection back, which sqlx does in a task of its own a round trip later (a
+///   duplicate arriving in between gets [`TransactionalClaim::InFlight`]), so roll back
+///   explicitly where you can;
 /// * once the commit succeeded, every duplicate gets the recorded response and nothing runs
 ///   twice;
 /// * while the transaction is open, a duplicate's claim (or a plain acquire of the key) answers
@@ -47,8 +51,8 @@ use crate::store::{AcquireRequest, Acquired, CompleteRequest, StoreError};
 /// `idle_in_transaction_session_timeout` to bound a handler that never finishes.
 pub enum TransactionalClaim {
     /// The caller owns the record: run the handler in `transaction`, then
-    /// [`PostgresStore::complete_in_transaction`] to record its result and commit, or drop
-    /// (or roll back) the transaction to give the key up with everything the handler wrote.
+    /// [`PostgresStore::complete_in_transaction`] to record its result and commit, or roll the
+    /// transaction back (or drop it) to give the key up with everything the handler wrote.
     Execute {
         /// The attempt number, the fencing number handlers can use (1 for the first).
         epoch: u64,
@@ -149,7 +153,9 @@ impl PostgresStore {
     ///   have reached the database). Either way a retry with the same key settles it: it gets
     ///   the recorded result if the commit happened, or runs cleanly if it did not.
     ///
-    /// Each of the two statements is bounded by
+    /// Whenever it does not commit, it rolls the transaction back before returning (a third
+    /// round trip, on that path only), so the key is free when it returns. Each statement is
+    /// bounded by
     /// [`PostgresConfig::statement_timeout`](super::PostgresConfig::statement_timeout); a broken
     /// connection is not retried, since the transaction died with it.
     pub async fn complete_in_transaction(
@@ -160,16 +166,21 @@ impl PostgresStore {
         let encoded = request.result.encode();
         let complete = sql::complete(&request, &encoded, self.config.lock_timeout);
         let budget = self.config.statement_timeout;
-        let row = within(budget, async {
-            complete
+        let recorded = within(budget, async {
+            let row = complete
                 .fetch_one(&mut *transaction)
                 .await
-                .map_err(into_store)
+                .map_err(into_store)?;
+            sql::parse_flag(&row)
         })
-        .await?;
-        if !sql::parse_flag(&row)? {
-            // Dropping the transaction rolls it back with the connection's return to the pool.
-            return Ok(false);
+        .await;
+        if !matches!(recorded, Ok(true)) {
+            // Rolled back now rather than when the pool takes the connection back, so the key
+            // is free when this returns. Its own failure changes nothing: a transaction that
+            // cannot be rolled back here is rolled back by the server with its connection.
+            let rollback = async { transaction.rollback().await.map_err(into_store) };
+            let _ = within(budget, rollback).await;
+            return recorded;
         }
         within(budget, async {
             transaction.commit().await.map_err(into_store)
