@@ -57,7 +57,9 @@ LANGUAGE plpgsql VOLATILE AS $$
 DECLARE
     caller_lock_timeout constant text := current_setting('lock_timeout');
     lease constant interval := p_lease_ms * interval '1 millisecond';
-    retention constant interval := greatest(p_lease_ms, p_retention_ms) * interval '1 millisecond';
+    -- An in-flight record lives for the route's retention, and at least as long as its lease.
+    retention constant interval :=
+        greatest(p_lease_ms, p_retention_ms) * interval '1 millisecond';
     locked boolean := false;
     present boolean;
     now_ts timestamptz;
@@ -107,7 +109,8 @@ BEGIN
             INSERT INTO idem_records AS r
                 (key, state, owner_token, epoch, fingerprint, lease_deadline, expires_at,
                  created_at)
-            VALUES (p_key, 'in_flight', p_owner, 1, p_fingerprint, now_ts + lease, now_ts + retention, now_ts)
+            VALUES (p_key, 'in_flight', p_owner, 1, p_fingerprint, now_ts + lease,
+                    now_ts + retention, now_ts)
             ON CONFLICT (key) DO NOTHING;
             IF FOUND THEN
                 outcome := 'execute';
@@ -127,7 +130,8 @@ BEGIN
             UPDATE idem_records AS r
             SET state = 'in_flight', owner_token = p_owner, epoch = 1,
                 fingerprint = p_fingerprint, lease_deadline = now_ts + lease,
-                expires_at = now_ts + retention, created_at = now_ts, completed_at = NULL, result = NULL
+                expires_at = now_ts + retention, created_at = now_ts, completed_at = NULL,
+                result = NULL
             WHERE r.key = p_key;
             outcome := 'execute';
             epoch := 1;
