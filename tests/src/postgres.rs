@@ -10,6 +10,11 @@
 //! postgres.kill(); // a crash: SIGKILL, nothing is shut down cleanly
 //! postgres.restart(); // the same port and data directory: crash recovery, then it answers
 //! # drop((url, other));
+//! # async fn store(postgres: &PostgresServer) {
+//! // A `PostgresStore` on the `postgres` database, its schema migrated.
+//! let store = postgres.store(idem_runtime::store::PostgresConfig::new()).await;
+//! # drop(store);
+//! # }
 //! ```
 //!
 //! The server runs Debian's binaries (the newest `/usr/lib/postgresql/<version>/bin`;
@@ -36,6 +41,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
+
+use idem_runtime::store::{PostgresConfig, PostgresStore};
+
+use crate::support::within;
 
 /// How long a server may take to accept connections after it was spawned, crash recovery
 /// included.
@@ -271,6 +280,21 @@ impl PostgresServer {
             String::from_utf8_lossy(&output.stderr)
         );
         String::from_utf8_lossy(&output.stdout).trim().to_owned()
+    }
+
+    /// A [`PostgresStore`] on the `postgres` database with `config`, its schema migrated.
+    ///
+    /// # Panics
+    ///
+    /// If it cannot connect or migrate within [`PATIENCE`](crate::support::PATIENCE).
+    pub async fn store(&self, config: PostgresConfig) -> PostgresStore {
+        let store = within("connecting", PostgresStore::connect(&self.url(), config))
+            .await
+            .unwrap_or_else(|error| panic!("cannot connect to {}: {error}", self.url()));
+        within("migrating", store.migrate())
+            .await
+            .unwrap_or_else(|error| panic!("cannot migrate: {error}"));
+        store
     }
 
     /// Whether the postmaster is running (it may still be starting or recovering).

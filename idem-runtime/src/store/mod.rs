@@ -63,7 +63,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 #[cfg(feature = "postgres")]
-pub use self::postgres::{PostgresConfig, PostgresStore};
+pub use self::postgres::{PostgresConfig, PostgresStore, TransactionalClaim};
 #[cfg(feature = "redis-cluster")]
 pub use self::redis::RedisClusterStore;
 #[cfg(feature = "redis")]
