@@ -32,6 +32,8 @@
 //! * [`extract`] and [`executor`]: what the macro's expansion calls;
 //! * [`layer`]: the tower layer that wires the runtime into a router, and the router-wide
 //!   [`Policy`] that makes every unsafe route under it idempotent;
+//! * [`operator`]: an operator's view of one key (inspect, purge, release a stuck one), from
+//!   [`Idempotency::operator`];
 //! * [`testing`]: [`FreshKeys`](testing::FreshKeys), for an application's own tests.
 //!
 //! ## The guarantee
@@ -49,6 +51,7 @@ pub mod extract;
 pub mod fingerprint;
 pub mod key;
 pub mod layer;
+pub mod operator;
 mod outage;
 pub mod problem;
 pub mod record;
