@@ -34,6 +34,8 @@
 //!   [`Policy`] that makes every unsafe route under it idempotent;
 //! * [`operator`]: an operator's view of one key (inspect, purge, release a stuck one), from
 //!   [`Idempotency::operator`];
+//! * `admin` (feature `admin`): an optional axum router exposing the operator's view, with no
+//!   authentication of its own;
 //! * [`testing`]: [`FreshKeys`](testing::FreshKeys), for an application's own tests.
 //!
 //! ## The guarantee
@@ -45,6 +47,8 @@
 //! the store's data. The [`IdempotencyContext::epoch`] lets a handler fence its side effects
 //! against that.
 
+#[cfg(feature = "admin")]
+pub mod admin;
 pub mod config;
 pub mod executor;
 pub mod extract;
