@@ -44,7 +44,7 @@
 //!
 //! `{key}` is the `Idempotency-Key` value as the client sent it, percent-encoded in the path
 //! (`"k1"` and `k1` are the same key; an invalid key is `400`). `scope` is the text of the value
-//! the route scopes keys by (the user id, say; [`scope`](crate::scope)`(value)` hashes its
+//! the route scopes keys by (the user id, say; [`scope`]`(value)` hashes its
 //! `Display` text); without it the key is looked up in the global scope ([`Scope::NONE`]), and
 //! `scope=` (empty) is the scope of the empty string. Errors are `application/problem+json`
 //! documents (`type` `about:blank`); a store that does not support an operation answers `501`,

@@ -76,7 +76,7 @@
 //! | purge | under the shard lock | one script: `DEL` unless in flight | the inner store's, then this instance's cached copy is dropped; **other instances may replay the purged record from their caches for up to [`TieredConfig::max_entry_ttl`](crate::store::TieredConfig::max_entry_ttl)** (10 s by default) |
 //!
 //! A store that predates these operations answers them with
-//! [`StoreError::Unsupported`](crate::store::StoreError::Unsupported).
+//! [`StoreError::Unsupported`].
 
 use std::fmt::{self, Write as _};
 use std::sync::Arc;
