@@ -6,6 +6,7 @@
 //! owner's renewal (refused; the owner completes). Then the admin router over `oneshot`, a store
 //! without the operator's transitions, and the Redis ACL the purge needs.
 
+use std::fmt::Write as _;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
@@ -129,7 +130,10 @@ fn created() -> RecordedResult {
 }
 
 fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|byte| format!("{byte:02x}")).collect()
+    bytes.iter().fold(String::new(), |mut out, byte| {
+        let _ = write!(out, "{byte:02x}");
+        out
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -434,7 +438,7 @@ async fn a_release_racing_a_live_owners_renewal_is_refused(b: &Backend) {
 /// owner has lost the key (its completion is refused) and the next attempt gets epoch 2.
 async fn the_race_has_exactly_one_winner(b: &Backend) {
     let name = b.name;
-    let mut releases = 0;
+    let mut release_wins = 0;
     for round in 0..RACES {
         let client_key = b.key(&format!("race-{round}"));
         let k = record_key(&Scope::NONE, &client_key);
@@ -464,7 +468,7 @@ async fn the_race_has_exactly_one_winner(b: &Backend) {
             "{name}, round {round}: renewed {renewed}, released {released}"
         );
         if released {
-            releases += 1;
+            release_wins += 1;
             assert!(!b.complete(&k, owner, created()).await, "{name}");
             let next = b.acquire(&k, OwnerToken::generate()).await;
             assert!(matches!(next, Acquired::Execute { epoch: 2 }), "{name}");
@@ -472,7 +476,7 @@ async fn the_race_has_exactly_one_winner(b: &Backend) {
             assert!(b.complete(&k, owner, created()).await, "{name}");
         }
     }
-    eprintln!("{name}: the release won {releases} of {RACES} races");
+    eprintln!("{name}: the release won {release_wins} of {RACES} races");
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -64,7 +64,7 @@ const MAX_MILLIS: u64 = 1_000_000_000_000;
 ///   [`ConnectionManager`] you already share, or a cluster connection;
 /// * [`RedisStore::connect_cluster`] (feature `redis-cluster`): from the cluster's seed nodes.
 ///
-/// The connecting constructors check that Redis answers and load the scripts, so a
+/// The connecting constructors check that Redis answers and load the scripts requests run, so a
 /// misconfigured URL fails at start-up rather than on the first request.
 ///
 /// # Records
@@ -317,13 +317,13 @@ where
         Self { connection, config }
     }
 
-    /// Loads the scripts (the four transitions and the operator's three) into Redis (on every
-    /// primary of a cluster), so the first requests do not pay a `NOSCRIPT` round trip. Scripts
-    /// Redis forgets later are reloaded on demand.
+    /// Loads the four scripts requests run into Redis (on every primary of a cluster), so the
+    /// first requests do not pay a `NOSCRIPT` round trip. The operator's three scripts (inspect,
+    /// purge, release a stale lease), and any script Redis forgets later, are loaded on demand.
     pub async fn load_scripts(&self) -> Result<(), StoreError> {
         let mut connection = self.connection.clone();
         let load = async move {
-            for script in SCRIPTS.all() {
+            for script in SCRIPTS.for_requests() {
                 script.prepare_invoke().load_async(&mut connection).await?;
             }
             Ok(())

@@ -81,20 +81,15 @@ pub(super) struct Scripts {
 }
 
 impl Scripts {
-    pub(super) fn all(&self) -> [&Script; 7] {
-        [
-            &self.acquire,
-            &self.renew,
-            &self.complete,
-            &self.release,
-            &self.inspect,
-            &self.purge,
-            &self.release_stale,
-        ]
+    /// The scripts a request runs, loaded when the store connects. The operator's three are
+    /// loaded on their first use (one `NOSCRIPT` round trip then), so that start-up does not pay
+    /// for what is rarely run.
+    pub(super) fn for_requests(&self) -> [&Script; 4] {
+        [&self.acquire, &self.renew, &self.complete, &self.release]
     }
 }
 
-/// Each script's own file, in the order of [`Scripts::all`].
+/// Each script's own file, in the order of [`Scripts`]' fields.
 const SOURCES: [&str; 7] = [
     include_str!("lua/acquire.lua"),
     include_str!("lua/renew.lua"),
