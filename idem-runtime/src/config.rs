@@ -27,6 +27,7 @@ use tokio_util::task::TaskTracker;
 use tokio_util::task::task_tracker::TrackedFuture;
 
 use crate::key::IDEMPOTENCY_KEY;
+use crate::operator::Operator;
 use crate::outage::OutageLog;
 use crate::problem::{self, JsonProblems, Problem, RenderProblem};
 use crate::record::DEFAULT_REPLAYED_HEADERS;
@@ -69,6 +70,22 @@ impl Idempotency {
     /// The configured store.
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.inner.store
+    }
+
+    /// An operator's view of single keys through this runtime's store: inspect one, purge it,
+    /// release it from an owner that died. See [`crate::operator`].
+    ///
+    /// ```
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+    /// use idem_runtime::{Idempotency, scope};
+    ///
+    /// let idem = Idempotency::builder().build();
+    /// assert!(idem.operator().inspect(&scope("alice"), "order-42", false).await?.is_none());
+    /// # Ok::<(), idem_runtime::operator::OperatorError>(())
+    /// # }).unwrap();
+    /// ```
+    pub fn operator(&self) -> Operator {
+        Operator::new(Arc::clone(&self.inner.store))
     }
 
     /// Handlers currently running (including ones whose client went away).

@@ -32,6 +32,10 @@
 //! * [`extract`] and [`executor`]: what the macro's expansion calls;
 //! * [`layer`]: the tower layer that wires the runtime into a router, and the router-wide
 //!   [`Policy`] that makes every unsafe route under it idempotent;
+//! * [`operator`]: an operator's view of one key (inspect, purge, release a stuck one), from
+//!   [`Idempotency::operator`];
+//! * `admin` (feature `admin`): an optional axum router exposing the operator's view, with no
+//!   authentication of its own;
 //! * [`testing`]: [`FreshKeys`](testing::FreshKeys), for an application's own tests.
 //!
 //! ## The guarantee
@@ -43,12 +47,15 @@
 //! the store's data. The [`IdempotencyContext::epoch`] lets a handler fence its side effects
 //! against that.
 
+#[cfg(feature = "admin")]
+pub mod admin;
 pub mod config;
 pub mod executor;
 pub mod extract;
 pub mod fingerprint;
 pub mod key;
 pub mod layer;
+pub mod operator;
 mod outage;
 pub mod problem;
 pub mod record;

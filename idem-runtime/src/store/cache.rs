@@ -50,14 +50,22 @@ pub(crate) struct SettledRecord {
 /// How a record was settled.
 #[derive(Clone, Debug)]
 pub(crate) enum Settled {
-    /// Completed: replay `result`. `by` is the owner that completed it, where known, so that a
-    /// repeated `complete` converges.
+    /// Completed: replay `result`. `by` is the attempt that completed it, where known (a
+    /// [`MemoryStore`](super::MemoryStore) always knows; a [`TieredStore`](super::TieredStore)'s
+    /// copy does not), so that a repeated `complete` converges and an operator sees its epoch.
     Completed {
         result: Arc<RecordedResult>,
-        by: Option<OwnerToken>,
+        by: Option<Attempt>,
     },
-    /// Released: the next acquire takes over with the epoch after this one.
-    Released { epoch: u64 },
+    /// Released: the next acquire takes over with the epoch after `by`'s.
+    Released { by: Attempt },
+}
+
+/// One attempt at a record: its owner and its epoch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Attempt {
+    pub(crate) owner: OwnerToken,
+    pub(crate) epoch: u64,
 }
 
 impl SettledRecord {
@@ -161,6 +169,14 @@ impl RecordCache {
         self.bound.insert(key, entry);
     }
 
+    /// Drops the record of `key`; whether one was there and had not reached its deadline at
+    /// `now`.
+    pub(crate) fn remove(&self, key: &RecordKey, now: Instant) -> bool {
+        let removed = self.index.take(key);
+        self.bound.invalidate(key);
+        removed.is_some_and(|entry| entry.record.expires_at > now)
+    }
+
     /// Drops every record.
     pub(crate) fn clear(&self) {
         self.bound.invalidate_all();
@@ -243,6 +259,11 @@ impl Index {
         if shard.get(key).is_some_and(|entry| entry.id == id) {
             shard.remove(key);
         }
+    }
+
+    /// Removes the key's record, whichever caching it is.
+    fn take(&self, key: &RecordKey) -> Option<Entry> {
+        write(self.shard(key)).remove(key)
     }
 
     fn clear(&self) {
@@ -341,7 +362,12 @@ mod tests {
         let released = SettledRecord {
             fingerprint: fp,
             expires_at: Instant::now() + Duration::from_secs(60),
-            state: Settled::Released { epoch: 1 },
+            state: Settled::Released {
+                by: Attempt {
+                    owner: OwnerToken(1),
+                    epoch: 1,
+                },
+            },
         };
         cache.insert(k, released);
         assert!(cache.get(&k, Instant::now()).is_some());
@@ -355,6 +381,23 @@ mod tests {
             cache.answer(&k, &print("b")),
             Some(Cached::Mismatch)
         ));
+    }
+
+    #[test]
+    fn a_removed_record_is_gone_from_both_tiers() {
+        let cache = RecordCache::new(1 << 20);
+        let (k, fp) = (key("k"), print("a"));
+        assert!(!cache.remove(&k, Instant::now()), "nothing to remove");
+        cache.insert(k, completed(fp, Duration::from_secs(60)));
+        assert!(cache.remove(&k, Instant::now()));
+        assert!(cache.answer(&k, &fp).is_none());
+        assert_eq!(cache.entry_count(), 0);
+        cache.insert(k, completed(fp, Duration::from_millis(10)));
+        let later = Instant::now() + Duration::from_millis(20);
+        assert!(
+            !cache.remove(&k, later),
+            "past its deadline: nothing live was removed"
+        );
     }
 
     #[test]

@@ -5,15 +5,20 @@
 //! evicts (its size is bounded by the handlers running at once: each entry leaves when its owner
 //! completes or releases it). Completed and released records sit in a [`RecordCache`] bounded in
 //! bytes, from which they may be evicted early; a replay is one lookup there.
+//!
+//! The operator's transitions take the same shard lock as the others: an inspection sees a record
+//! in one place or the other, and a stale release or a purge cannot interleave with an acquire,
+//! renewal or completion of the same key.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Instant;
 
-use super::cache::{KeyHasher, RecordCache, Settled, SettledRecord};
+use super::cache::{Attempt, KeyHasher, RecordCache, Settled, SettledRecord};
 use super::{
-    AcquireRequest, Acquired, Cached, CompleteRequest, OwnerToken, ReleaseRequest, RenewRequest,
-    Store, StoreFuture,
+    AcquireRequest, Acquired, Cached, CompleteRequest, InspectRequest, LeaseDeadline,
+    LeaseSnapshot, OwnerToken, PurgeRequest, Purged, RecordSnapshot, RecordState, ReleaseRequest,
+    ReleaseStaleRequest, RenewRequest, Store, StoreFuture,
 };
 use crate::fingerprint::{Fingerprint, RecordKey};
 
@@ -39,6 +44,8 @@ const SHARDS: usize = 16;
 pub struct MemoryStore {
     shards: Arc<[Mutex<InFlightMap>; SHARDS]>,
     settled: Arc<RecordCache>,
+    /// The origin of the lease deadlines [`Store::inspect`] reports.
+    origin: Instant,
 }
 
 /// The records in flight of one slice of the key space.
@@ -65,6 +72,7 @@ impl MemoryStore {
                 Mutex::new(HashMap::with_hasher(KeyHasher::builder()))
             })),
             settled: Arc::new(RecordCache::new(capacity_bytes)),
+            origin: Instant::now(),
         }
     }
 
@@ -89,6 +97,35 @@ impl MemoryStore {
     /// the other.
     fn in_flight(&self, key: &RecordKey) -> MutexGuard<'_, InFlightMap> {
         lock(&self.shards[usize::from(key.0[0]) % SHARDS])
+    }
+
+    /// Ends the lease of `key`'s in-flight record, whose owner the caller checked, keeping the
+    /// record and its epoch among the settled ones until its deadline.
+    fn settle_released(&self, in_flight: &mut InFlightMap, key: &RecordKey, now: Instant) {
+        if let Some(record) = in_flight.remove(key)
+            && record.expires_at > now
+        {
+            let released = SettledRecord {
+                fingerprint: record.fingerprint,
+                expires_at: record.expires_at,
+                state: Settled::Released {
+                    by: Attempt {
+                        owner: record.owner,
+                        epoch: record.epoch,
+                    },
+                },
+            };
+            self.settled.insert(*key, released);
+        }
+    }
+
+    /// A lease deadline as [`Store::inspect`] reports it: microseconds since the store was
+    /// created. Every renewal moves it (two renewals within one microsecond aside).
+    fn deadline(&self, lease_until: Instant) -> LeaseDeadline {
+        let micros = lease_until
+            .saturating_duration_since(self.origin)
+            .as_micros();
+        LeaseDeadline(u64::try_from(micros).unwrap_or(u64::MAX))
     }
 }
 
@@ -154,10 +191,10 @@ impl Store for MemoryStore {
         let (epoch, expires_at) = match settled {
             // Released: the next attempt, keeping the record's deadline.
             Some(SettledRecord {
-                state: Settled::Released { epoch },
+                state: Settled::Released { by },
                 expires_at,
                 ..
-            }) => (epoch + 1, expires_at.max(now + request.lease)),
+            }) => (by.epoch + 1, expires_at.max(now + request.lease)),
             _ => (1, now + request.retention.max(request.lease)),
         };
         let record = InFlight {
@@ -197,7 +234,10 @@ impl Store for MemoryStore {
                         expires_at: now + request.ttl,
                         state: Settled::Completed {
                             result: Arc::clone(request.result),
-                            by: Some(request.owner),
+                            by: Some(Attempt {
+                                owner: request.owner,
+                                epoch: record.epoch,
+                            }),
                         },
                     };
                     self.settled.insert(*request.key, completed);
@@ -213,7 +253,7 @@ impl Store for MemoryStore {
                 .settled
                 .get(request.key, now)
                 .is_some_and(|record| {
-                    matches!(record.state, Settled::Completed { by, .. } if by == Some(request.owner))
+                    matches!(record.state, Settled::Completed { by: Some(by), .. } if by.owner == request.owner)
                 }),
         };
         StoreFuture::ready(Ok(completed))
@@ -225,23 +265,94 @@ impl Store for MemoryStore {
         if in_flight
             .get(request.key)
             .is_some_and(|record| record.owner == request.owner)
-            && let Some(record) = in_flight.remove(request.key)
-            && record.expires_at > now
         {
-            let released = SettledRecord {
-                fingerprint: record.fingerprint,
-                expires_at: record.expires_at,
-                state: Settled::Released {
-                    epoch: record.epoch,
-                },
-            };
-            self.settled.insert(*request.key, released);
+            self.settle_released(&mut in_flight, request.key, now);
         }
         StoreFuture::ready(Ok(()))
     }
 
     fn cached(&self, key: &RecordKey, fingerprint: &Fingerprint) -> Option<Cached> {
         self.settled.answer(key, fingerprint)
+    }
+
+    fn inspect<'a>(
+        &'a self,
+        request: InspectRequest<'a>,
+    ) -> StoreFuture<'a, Option<RecordSnapshot>> {
+        let now = Instant::now();
+        let in_flight = self.in_flight(request.key);
+        if let Some(record) = in_flight
+            .get(request.key)
+            .filter(|record| record.expires_at > now)
+        {
+            let lease = LeaseSnapshot::new(
+                self.deadline(record.lease_until),
+                record.lease_until.saturating_duration_since(now),
+            );
+            let snapshot = RecordSnapshot::new(
+                RecordState::InFlight { lease },
+                record.fingerprint,
+                record.epoch,
+            )
+            .with_owner(record.owner)
+            .with_ttl_left(record.expires_at - now);
+            return StoreFuture::ready(Ok(Some(snapshot)));
+        }
+        let snapshot = self.settled.get(request.key, now).map(|record| {
+            let (state, by) = match record.state {
+                Settled::Completed { result, by } => (RecordState::Completed { result }, by),
+                Settled::Released { by } => (RecordState::Released, Some(by)),
+            };
+            // This store completes its records itself, so it always knows the attempt (only a
+            // `TieredStore`'s copies do not, and they never come here).
+            let epoch = by.map_or(0, |by| by.epoch);
+            let snapshot = RecordSnapshot::new(state, record.fingerprint, epoch)
+                .with_ttl_left(record.expires_at.saturating_duration_since(now));
+            match by {
+                Some(by) => snapshot.with_owner(by.owner),
+                None => snapshot,
+            }
+        });
+        StoreFuture::ready(Ok(snapshot))
+    }
+
+    fn purge<'a>(&'a self, request: PurgeRequest<'a>) -> StoreFuture<'a, Purged> {
+        let now = Instant::now();
+        let mut in_flight = self.in_flight(request.key);
+        if let Some(record) = in_flight.get(request.key) {
+            if record.expires_at > now {
+                return StoreFuture::ready(Ok(Purged::InFlight));
+            }
+            // Past its deadline: already forgotten as far as acquire is concerned.
+            in_flight.remove(request.key);
+        }
+        let purged = if self.settled.remove(request.key, now) {
+            Purged::Deleted
+        } else {
+            Purged::Absent
+        };
+        StoreFuture::ready(Ok(purged))
+    }
+
+    fn release_stale<'a>(&'a self, request: ReleaseStaleRequest<'a>) -> StoreFuture<'a, bool> {
+        let now = Instant::now();
+        let mut in_flight = self.in_flight(request.key);
+        let released = match in_flight.get(request.key) {
+            Some(record) => {
+                let stale = record.owner == request.owner
+                    && record.expires_at > now
+                    && self.deadline(record.lease_until) == request.lease_deadline;
+                if stale {
+                    self.settle_released(&mut in_flight, request.key, now);
+                }
+                stale
+            }
+            // Released from that owner already: a repeated call converges.
+            None => self.settled.get(request.key, now).is_some_and(|record| {
+                matches!(record.state, Settled::Released { by } if by.owner == request.owner)
+            }),
+        };
+        StoreFuture::ready(Ok(released))
     }
 }
 

@@ -1,14 +1,17 @@
 //! The record store: the idempotency state machine behind one trait.
 //!
-//! A record moves through two states, and only through the four transitions of [`Store`]:
+//! A record moves through the states below, and only through the transitions of [`Store`]:
 //!
 //! ```text
 //!              acquire (absent)                 complete (owner)
 //!   absent ───────────────────────▶ in-flight ───────────────────▶ completed ──▶ expires after ttl
-//!                                    │  ▲  │
-//!            renew (owner): extend   │  │  │ release (owner): lease ends now, record kept
-//!                                    ▼  │  ▼
-//!                         lease expired: the next acquire takes over with epoch + 1
+//!     ▲                              │  ▲  │                            │
+//!     │      renew (owner): extend   │  │  │ release (owner), or        │
+//!     │                              ▼  │  ▼ release_stale (operator)   │
+//!     │                  lease expired or released: the next acquire    │
+//!     │                  takes over with epoch + 1                      │
+//!     │                                                                 │
+//!     └──────── purge (operator): a completed or released record ───────┘
 //! ```
 //!
 //! * **acquire**(owner, fingerprint): absent → in-flight with epoch 1; a different fingerprint →
@@ -19,6 +22,23 @@
 //! * **complete**(owner, result): records the result if the caller still owns the record; repeating
 //!   it is harmless.
 //! * **release**(owner): ends the lease now without deleting the record, so epochs stay monotonic.
+//!
+//! Three more serve an operator looking at one key ([`crate::operator`]), never a request:
+//!
+//! * **inspect**: reads the record ([`RecordSnapshot`]) and changes nothing.
+//! * **`release_stale`**(owner, lease deadline): the release above, on behalf of an owner known to
+//!   be dead, and only if the record is still in flight under that owner **and** that lease
+//!   deadline, both as inspected. A live owner renews its lease every third of it, which moves
+//!   the deadline: an operator who inspects, gives the owner that long, and releases with what
+//!   they inspected never takes the key from a live owner (the release is refused and the owner
+//!   completes as usual). Like release it keeps the epoch: the next acquire gets epoch + 1.
+//! * **purge**: deletes a settled record (completed or released) so that the key runs again as
+//!   new, with epoch 1 (a purge forgets the epoch with the rest). An in-flight record is never
+//!   purged ([`Purged::InFlight`]): deleting it would let a duplicate run beside a live owner, or
+//!   reuse the epoch of a stalled one; release it first.
+//!
+//! The three have default bodies answering [`StoreError::Unsupported`], so a store written before
+//! them still compiles; each backend of this crate implements them.
 //!
 //! Every transition must be atomic and safe to run twice, because a command that timed out may still
 //! have executed. Beside the transitions, [`Store::cached`] answers from process memory, without
@@ -60,7 +80,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 #[cfg(feature = "postgres")]
 pub use self::postgres::{PostgresConfig, PostgresStore, TransactionalClaim};
@@ -107,6 +127,44 @@ pub trait Store: Send + Sync + 'static {
     fn cached(&self, key: &RecordKey, fingerprint: &Fingerprint) -> Option<Cached> {
         let _ = (key, fingerprint);
         None
+    }
+
+    /// Reads the record as it is now, for an operator: `Ok(None)` when there is none (never
+    /// written, expired or purged). Changes nothing, and asks the store's authority (a cache in
+    /// front never answers it).
+    ///
+    /// The default answers [`StoreError::Unsupported`].
+    fn inspect<'a>(
+        &'a self,
+        request: InspectRequest<'a>,
+    ) -> StoreFuture<'a, Option<RecordSnapshot>> {
+        let _ = request;
+        StoreFuture::ready(Err(StoreError::Unsupported("inspect")))
+    }
+
+    /// Deletes a completed or released record, for an operator, so that the key runs again as
+    /// new (epoch 1). An in-flight record is left alone ([`Purged::InFlight`]), whatever its lease:
+    /// release it first ([`Store::release_stale`]). A store with copies in process memory drops
+    /// its own copy too.
+    ///
+    /// The default answers [`StoreError::Unsupported`].
+    fn purge<'a>(&'a self, request: PurgeRequest<'a>) -> StoreFuture<'a, Purged> {
+        let _ = request;
+        StoreFuture::ready(Err(StoreError::Unsupported("purge")))
+    }
+
+    /// Releases an in-flight record for an operator who knows its owner is dead, as
+    /// [`release`](Store::release) would for `request.owner`, but only if the record is still in
+    /// flight under that owner **and** its lease still ends at `request.lease_deadline` (both as
+    /// [`inspect`](Store::inspect) reported them). `Ok(true)`: the record is released from that
+    /// owner (by this call, by a repeat of it, or by the owner's own release), and the next
+    /// acquire takes over with epoch + 1. `Ok(false)`: refused, because the owner renewed since
+    /// (it is alive), another attempt took over, or the record completed, expired or was purged.
+    ///
+    /// The default answers [`StoreError::Unsupported`].
+    fn release_stale<'a>(&'a self, request: ReleaseStaleRequest<'a>) -> StoreFuture<'a, bool> {
+        let _ = request;
+        StoreFuture::ready(Err(StoreError::Unsupported("release_stale")))
     }
 }
 
@@ -264,6 +322,59 @@ impl<'a> ReleaseRequest<'a> {
     }
 }
 
+/// The arguments of [`Store::inspect`].
+#[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
+pub struct InspectRequest<'a> {
+    /// The record.
+    pub key: &'a RecordKey,
+}
+
+impl<'a> InspectRequest<'a> {
+    /// An inspection of `key`.
+    pub fn new(key: &'a RecordKey) -> Self {
+        Self { key }
+    }
+}
+
+/// The arguments of [`Store::purge`].
+#[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
+pub struct PurgeRequest<'a> {
+    /// The record.
+    pub key: &'a RecordKey,
+}
+
+impl<'a> PurgeRequest<'a> {
+    /// A purge of `key`.
+    pub fn new(key: &'a RecordKey) -> Self {
+        Self { key }
+    }
+}
+
+/// The arguments of [`Store::release_stale`]: the owner and lease deadline an operator inspected.
+#[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
+pub struct ReleaseStaleRequest<'a> {
+    /// The record.
+    pub key: &'a RecordKey,
+    /// The owner the inspection saw holding the lease.
+    pub owner: OwnerToken,
+    /// The lease deadline the inspection saw.
+    pub lease_deadline: LeaseDeadline,
+}
+
+impl<'a> ReleaseStaleRequest<'a> {
+    /// A release of `key` from `owner`, if its lease still ends at `lease_deadline`.
+    pub fn new(key: &'a RecordKey, owner: OwnerToken, lease_deadline: LeaseDeadline) -> Self {
+        Self {
+            key,
+            owner,
+            lease_deadline,
+        }
+    }
+}
+
 /// The answer of [`Store::acquire`].
 #[derive(Debug, Clone)]
 pub enum Acquired {
@@ -303,6 +414,159 @@ pub enum Cached {
     Mismatch,
 }
 
+/// What [`Store::inspect`] reports about one record.
+///
+/// What each backend knows:
+///
+/// | field | [`MemoryStore`] | `RedisStore` |
+/// |---|---|---|
+/// | `state`, `fingerprint`, `epoch` | yes | yes |
+/// | `owner` | yes | yes |
+/// | `lease` (in flight) | deadline in microseconds of the process's monotonic clock | deadline in milliseconds of the Redis server's clock (Unix time) |
+/// | `ttl_left` | yes | yes (`PTTL`; `None` if an operator removed the expiry) |
+/// | `created_at` | `None`: not kept | `None`: not in the record layout |
+///
+/// A [`TieredStore`] reports what its inner store does.
+///
+/// ```
+/// use std::time::Duration;
+/// use idem_runtime::fingerprint::Fingerprint;
+/// use idem_runtime::store::{LeaseDeadline, LeaseSnapshot, OwnerToken, RecordSnapshot, RecordState};
+///
+/// // A store of your own builds its snapshots like this.
+/// let fingerprint = Fingerprint::of(&http::Method::POST, "/", "/", "", b"");
+/// let lease = LeaseSnapshot::new(LeaseDeadline(1_700_000_030_000), Duration::from_secs(12));
+/// let snapshot = RecordSnapshot::new(RecordState::InFlight { lease }, fingerprint, 1)
+///     .with_owner(OwnerToken::generate())
+///     .with_ttl_left(Duration::from_secs(3600));
+/// assert_eq!(snapshot.lease(), Some(&lease));
+/// ```
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct RecordSnapshot {
+    /// In flight, released or completed, with what each state holds.
+    pub state: RecordState,
+    /// The fingerprint of the request that first used the key.
+    pub fingerprint: Fingerprint,
+    /// The attempt that holds (or last held) the record: 1 for the first.
+    pub epoch: u64,
+    /// That attempt's owner token, where the store keeps it.
+    pub owner: Option<OwnerToken>,
+    /// How long until the record is forgotten; `None` when it has no expiry.
+    pub ttl_left: Option<Duration>,
+    /// When the key was first used, where the store keeps it.
+    pub created_at: Option<SystemTime>,
+}
+
+impl RecordSnapshot {
+    /// A snapshot with no owner, expiry or creation time.
+    pub fn new(state: RecordState, fingerprint: Fingerprint, epoch: u64) -> Self {
+        Self {
+            state,
+            fingerprint,
+            epoch,
+            owner: None,
+            ttl_left: None,
+            created_at: None,
+        }
+    }
+
+    /// Sets [`RecordSnapshot::owner`].
+    #[must_use]
+    pub fn with_owner(mut self, owner: OwnerToken) -> Self {
+        self.owner = Some(owner);
+        self
+    }
+
+    /// Sets [`RecordSnapshot::ttl_left`].
+    #[must_use]
+    pub fn with_ttl_left(mut self, ttl_left: Duration) -> Self {
+        self.ttl_left = Some(ttl_left);
+        self
+    }
+
+    /// Sets [`RecordSnapshot::created_at`].
+    #[must_use]
+    pub fn with_created_at(mut self, created_at: SystemTime) -> Self {
+        self.created_at = Some(created_at);
+        self
+    }
+
+    /// The lease of an in-flight record.
+    pub fn lease(&self) -> Option<&LeaseSnapshot> {
+        match &self.state {
+            RecordState::InFlight { lease } => Some(lease),
+            _ => None,
+        }
+    }
+
+    /// The result of a completed record.
+    pub fn result(&self) -> Option<&Arc<RecordedResult>> {
+        match &self.state {
+            RecordState::Completed { result } => Some(result),
+            _ => None,
+        }
+    }
+}
+
+/// The state of an inspected record.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum RecordState {
+    /// An attempt owns the record. Its lease may have run out (`lease.left` is zero): the owner
+    /// stopped renewing, and the next acquire takes over.
+    InFlight {
+        /// The lease.
+        lease: LeaseSnapshot,
+    },
+    /// The owner gave the record up (its handler failed, or an operator released it): the next
+    /// acquire takes over with the next epoch.
+    Released,
+    /// The result is recorded and replayed.
+    Completed {
+        /// What is replayed (or [`RecordedResult::TooLarge`], the marker of a response too large
+        /// to record).
+        result: Arc<RecordedResult>,
+    },
+}
+
+/// The lease of an in-flight record as [`Store::inspect`] saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct LeaseSnapshot {
+    /// When the lease ends, as the store keeps it: what [`Store::release_stale`] compares.
+    pub deadline: LeaseDeadline,
+    /// How long the lease had left when inspected; zero once it ran out.
+    pub left: Duration,
+}
+
+impl LeaseSnapshot {
+    /// A lease ending at `deadline`, `left` from now.
+    pub fn new(deadline: LeaseDeadline, left: Duration) -> Self {
+        Self { deadline, left }
+    }
+}
+
+/// When a lease ends, in the store's own clock and unit: milliseconds of the Redis server's clock
+/// (Unix time) for `RedisStore`, microseconds of the process's monotonic clock since the store
+/// was created for [`MemoryStore`]. Compare it, do not read a date into it: every renewal moves
+/// it, which is how [`Store::release_stale`] tells a live owner from a dead one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(transparent)]
+pub struct LeaseDeadline(pub u64);
+
+/// The answer of [`Store::purge`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Purged {
+    /// The record was deleted: the key runs again as new.
+    Deleted,
+    /// There was no record (or a repeated purge already deleted it).
+    Absent,
+    /// The record is in flight and was left alone: release it first.
+    InFlight,
+}
+
 impl From<Cached> for Acquired {
     fn from(cached: Cached) -> Self {
         match cached {
@@ -325,6 +589,10 @@ pub enum StoreError {
     /// The store returned a value that is not a valid record.
     #[error(transparent)]
     Corrupt(#[from] crate::record::DecodeError),
+    /// The store does not implement this operation (an operator's operation on a store written
+    /// before it existed).
+    #[error("the idempotency store does not support `{0}`")]
+    Unsupported(&'static str),
 }
 
 /// The future every [`Store`] transition returns: an answer known at once (an in-process store,

@@ -40,8 +40,8 @@ use std::time::{Duration, Instant};
 
 use super::cache::{RecordCache, Settled, SettledRecord};
 use super::{
-    AcquireRequest, Acquired, Cached, CompleteRequest, ReleaseRequest, RenewRequest, Store,
-    StoreFuture,
+    AcquireRequest, Acquired, Cached, CompleteRequest, InspectRequest, PurgeRequest, Purged,
+    RecordSnapshot, ReleaseRequest, ReleaseStaleRequest, RenewRequest, Store, StoreFuture,
 };
 use crate::fingerprint::{Fingerprint, RecordKey};
 use crate::record::RecordedResult;
@@ -56,6 +56,11 @@ use crate::record::RecordedResult;
 /// * **complete**: `inner` records the result. The instance's own results are not cached unless
 ///   [`TieredConfig::cache_own_results`] says so.
 /// * **renew** and **release** go to `inner` unchanged.
+/// * **inspect** and **`release_stale`** (an operator's) go to `inner` unchanged: the cache never
+///   answers for an operator.
+/// * **purge** (an operator's) deletes the record in `inner`, then drops this instance's cached
+///   copy. Other instances hold their own copies, and may replay a purged record from them for
+///   up to [`TieredConfig::max_entry_ttl`] (10 s by default).
 ///
 /// Nothing is kept per request in flight: a first execution costs the inner store's acquire and
 /// complete and nothing else.
@@ -284,6 +289,29 @@ impl<S: Store> Store for TieredStore<S> {
 
     fn cached(&self, key: &RecordKey, fingerprint: &Fingerprint) -> Option<Cached> {
         self.hit(key, fingerprint)
+    }
+
+    fn inspect<'a>(
+        &'a self,
+        request: InspectRequest<'a>,
+    ) -> StoreFuture<'a, Option<RecordSnapshot>> {
+        self.inner.inspect(request)
+    }
+
+    fn purge<'a>(&'a self, request: PurgeRequest<'a>) -> StoreFuture<'a, Purged> {
+        StoreFuture::new(async move {
+            let purged = self.inner.purge(request).await;
+            // After the inner store answered (or failed): a replay that read the record before
+            // the delete has then usually cached it already, and loses its copy here (one still on
+            // its way may keep it up to `max_entry_ttl`, like other instances). Dropping a copy is
+            // always safe.
+            self.completed.remove(request.key, Instant::now());
+            purged
+        })
+    }
+
+    fn release_stale<'a>(&'a self, request: ReleaseStaleRequest<'a>) -> StoreFuture<'a, bool> {
+        self.inner.release_stale(request)
     }
 }
 
@@ -524,6 +552,31 @@ mod tests {
             Acquired::Completed { .. }
         ));
         assert_eq!(store.stats().misses, misses + 1);
+    }
+
+    /// A purge drops this instance's copy with the inner record, so the key runs again here at
+    /// once; inspect and `release_stale` are the inner store's.
+    #[tokio::test]
+    async fn a_purge_drops_the_cached_copy() {
+        let store = write_through();
+        let (k, fp) = (key("k"), print("a"));
+        let owner = OwnerToken::generate();
+        acquire(&store, &k, owner, &fp).await;
+        let result = Arc::new(RecordedResult::TooLarge);
+        assert!(complete(&store, &k, owner, &fp, &result, Duration::from_mins(1)).await);
+        assert!(store.cached(&k, &fp).is_some());
+        let seen = store.inspect(InspectRequest::new(&k)).await.unwrap();
+        assert_eq!(seen.map(|snapshot| snapshot.epoch), Some(1));
+        assert_eq!(
+            store.purge(PurgeRequest::new(&k)).await.unwrap(),
+            Purged::Deleted
+        );
+        assert!(store.cached(&k, &fp).is_none());
+        assert_eq!(store.stats().entries, 0);
+        assert!(matches!(
+            acquire(&store, &k, OwnerToken::generate(), &fp).await,
+            Acquired::Execute { epoch: 1 }
+        ));
     }
 
     #[tokio::test]

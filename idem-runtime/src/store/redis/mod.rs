@@ -1,6 +1,7 @@
-//! The Redis store: the state machine as four server-side Lua scripts, shared by a fleet.
+//! The Redis store: the state machine as server-side Lua scripts, shared by a fleet.
 //!
-//! Each transition of [`Store`] is one `EVALSHA` round trip: the script reads the record, decides
+//! Each transition of [`Store`] (the four a request makes, and the three an operator makes) is
+//! one `EVALSHA` round trip: the script reads the record, decides
 //! and writes atomically on the Redis server, using the server's clock for lease deadlines. The
 //! scripts are loaded when the store connects and reloaded transparently if Redis forgets them
 //! (`NOSCRIPT` after a restart, a failover or `SCRIPT FLUSH`).
@@ -31,9 +32,10 @@ use std::time::Duration;
 use ::redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use ::redis::{Client, IntoConnectionInfo, RedisError, ScriptInvocation, Value};
 
-use self::scripts::{SCRIPTS, parse_acquired, parse_flag};
+use self::scripts::{SCRIPTS, parse_acquired, parse_flag, parse_purged, parse_snapshot};
 use super::{
-    AcquireRequest, Acquired, CompleteRequest, ReleaseRequest, RenewRequest, Store, StoreError,
+    AcquireRequest, Acquired, CompleteRequest, InspectRequest, PurgeRequest, Purged,
+    RecordSnapshot, ReleaseRequest, ReleaseStaleRequest, RenewRequest, Store, StoreError,
     StoreFuture,
 };
 use crate::fingerprint::RecordKey;
@@ -62,7 +64,7 @@ const MAX_MILLIS: u64 = 1_000_000_000_000;
 ///   [`ConnectionManager`] you already share, or a cluster connection;
 /// * [`RedisStore::connect_cluster`] (feature `redis-cluster`): from the cluster's seed nodes.
 ///
-/// The connecting constructors check that Redis answers and load the scripts, so a
+/// The connecting constructors check that Redis answers and load the scripts requests run, so a
 /// misconfigured URL fails at start-up rather than on the first request.
 ///
 /// # Records
@@ -87,9 +89,16 @@ const MAX_MILLIS: u64 = 1_000_000_000_000;
 ///
 /// An in-flight record lives for the route's ttl (at least its lease), so that a takeover still
 /// sees its epoch and fingerprint; a completed record expires the route's ttl after completion.
-/// `PTTL idem:v2:{…}` shows how long a record has left; `DEL` purges one (with a
-/// [`TieredStore`](super::TieredStore) in front, instances may replay it from memory for up to
-/// [`TieredConfig::max_entry_ttl`](super::TieredConfig::max_entry_ttl) longer).
+///
+/// To look at one key, use the runtime's [`Operator`](crate::operator::Operator) (by the key as
+/// the client sent it and its scope): it reads the layout above through a script (plus `PTTL` for
+/// the time left and `TIME` for the lease left), reports no creation time (the layout has none),
+/// purges with `DEL` inside a script that leaves in-flight records alone, and releases a stuck
+/// key only if its owner and lease deadline are still the ones inspected. By hand,
+/// `PTTL idem:v2:{…}` shows how long a record has left and `DEL` purges one unconditionally
+/// (with a [`TieredStore`](super::TieredStore) in front, instances may replay a purged record
+/// from memory for up to [`TieredConfig::max_entry_ttl`](super::TieredConfig::max_entry_ttl)
+/// longer).
 ///
 /// # Timeouts and failures
 ///
@@ -129,7 +138,9 @@ const MAX_MILLIS: u64 = 1_000_000_000_000;
 ///       +get +set +pttl +time +ping
 ///   ```
 ///
-///   and connect as `redis://idem:secret@host:6379/`. On Redis 7.2 and later also allow
+///   and connect as `redis://idem:secret@host:6379/`. The operator's purge
+///   ([`Operator::purge`](crate::operator::Operator::purge)) also needs `+del`: add it to this
+///   user, or give operators a user of their own. On Redis 7.2 and later also allow
 ///   `+client|setinfo` (the client announces its name when it connects); a cluster client also
 ///   needs `+cluster|slots` (its topology queries). Two services that share a database share the key
 ///   space: a client reusing a key across them would get `422` from the second.
@@ -306,12 +317,13 @@ where
         Self { connection, config }
     }
 
-    /// Loads the four scripts into Redis (on every primary of a cluster), so the first requests do
-    /// not pay a `NOSCRIPT` round trip. Scripts Redis forgets later are reloaded on demand.
+    /// Loads the four scripts requests run into Redis (on every primary of a cluster), so the
+    /// first requests do not pay a `NOSCRIPT` round trip. The operator's three scripts (inspect,
+    /// purge, release a stale lease), and any script Redis forgets later, are loaded on demand.
     pub async fn load_scripts(&self) -> Result<(), StoreError> {
         let mut connection = self.connection.clone();
         let load = async move {
-            for script in SCRIPTS.all() {
+            for script in SCRIPTS.for_requests() {
                 script.prepare_invoke().load_async(&mut connection).await?;
             }
             Ok(())
@@ -409,6 +421,33 @@ where
             let mut invocation = SCRIPTS.release.key(key_name(request.key));
             invocation.arg(&request.owner.to_bytes()[..]);
             parse_flag(&self.invoke(&invocation).await?).map(drop)
+        })
+    }
+
+    fn inspect<'a>(
+        &'a self,
+        request: InspectRequest<'a>,
+    ) -> StoreFuture<'a, Option<RecordSnapshot>> {
+        StoreFuture::new(async move {
+            let invocation = SCRIPTS.inspect.key(key_name(request.key));
+            parse_snapshot(self.invoke(&invocation).await?)
+        })
+    }
+
+    fn purge<'a>(&'a self, request: PurgeRequest<'a>) -> StoreFuture<'a, Purged> {
+        StoreFuture::new(async move {
+            let invocation = SCRIPTS.purge.key(key_name(request.key));
+            parse_purged(&self.invoke(&invocation).await?)
+        })
+    }
+
+    fn release_stale<'a>(&'a self, request: ReleaseStaleRequest<'a>) -> StoreFuture<'a, bool> {
+        StoreFuture::new(async move {
+            let mut invocation = SCRIPTS.release_stale.key(key_name(request.key));
+            invocation
+                .arg(&request.owner.to_bytes()[..])
+                .arg(request.lease_deadline.0);
+            parse_flag(&self.invoke(&invocation).await?)
         })
     }
 }

@@ -1,9 +1,9 @@
-//! The four transitions as Lua scripts, the record layout they share with the Rust side, and the
-//! parsing of their replies.
+//! The four transitions and the operator's three as Lua scripts, the record layout they share with
+//! the Rust side, and the parsing of their replies.
 //!
 //! Each script is assembled once from three parts: a prelude of constants generated here from
 //! [`layout`] and [`reply`] (so that a byte offset or a reply tag is written once, in Rust),
-//! `lua/common.lua` (the helpers every transition uses), and the transition's own file in `lua/`.
+//! `lua/common.lua` (the helpers every script uses), and the script's own file in `lua/`.
 //! Every script is atomic (Redis runs one script at a time), reads the clock with `TIME` (the
 //! server's clock, the same for every instance) when it compares or sets a lease, and is safe to
 //! run twice with the same owner. `KEYS[1]` is the record.
@@ -14,8 +14,12 @@ use std::time::Duration;
 
 use ::redis::{Script, Value};
 
+use crate::fingerprint::Fingerprint;
 use crate::record::{DecodeError, RecordedResult};
-use crate::store::{Acquired, StoreError};
+use crate::store::{
+    Acquired, LeaseDeadline, LeaseSnapshot, OwnerToken, Purged, RecordSnapshot, RecordState,
+    StoreError,
+};
 
 /// Where each field of a record's value lives. Ranges are of bytes, 0-based and half-open, as Rust
 /// slices them; the Lua prelude gets them 1-based and inclusive, as `string.sub` takes them.
@@ -45,7 +49,7 @@ pub(super) mod layout {
     pub(in crate::store::redis) const COMPLETED: u8 = b'c';
 }
 
-/// The first element of an acquire's reply.
+/// The first element of an acquire's, an inspection's or a purge's reply.
 mod reply {
     /// `{INVALID, reason}`: the key does not hold a valid record.
     pub(super) const INVALID: i64 = 0;
@@ -55,32 +59,66 @@ mod reply {
     pub(super) const COMPLETED: i64 = 2;
     /// `{MISMATCH}`.
     pub(super) const MISMATCH: i64 = 3;
-    /// `{IN_FLIGHT, lease_left}`.
+    /// `{IN_FLIGHT, lease_left}` from acquire; `{IN_FLIGHT}` from a purge that left the record.
     pub(super) const IN_FLIGHT: i64 = 4;
+    /// `{RECORD, record, pttl, now}`: an inspection found a record.
+    pub(super) const RECORD: i64 = 5;
+    /// `{ABSENT}`: an inspection or a purge found no record.
+    pub(super) const ABSENT: i64 = 6;
+    /// `{PURGED}`: a purge deleted the record.
+    pub(super) const PURGED: i64 = 7;
 }
 
-/// The four transitions' scripts.
+/// The scripts: the four transitions, then the operator's three.
 pub(super) struct Scripts {
     pub(super) acquire: Script,
     pub(super) renew: Script,
     pub(super) complete: Script,
     pub(super) release: Script,
+    pub(super) inspect: Script,
+    pub(super) purge: Script,
+    pub(super) release_stale: Script,
 }
 
 impl Scripts {
-    pub(super) fn all(&self) -> [&Script; 4] {
+    /// The scripts a request runs, loaded when the store connects. The operator's three are
+    /// loaded on their first use (one `NOSCRIPT` round trip then), so that start-up does not pay
+    /// for what is rarely run.
+    pub(super) fn for_requests(&self) -> [&Script; 4] {
         [&self.acquire, &self.renew, &self.complete, &self.release]
     }
 }
 
+/// Each script's own file, in the order of [`Scripts`]' fields.
+const SOURCES: [&str; 7] = [
+    include_str!("lua/acquire.lua"),
+    include_str!("lua/renew.lua"),
+    include_str!("lua/complete.lua"),
+    include_str!("lua/release.lua"),
+    include_str!("lua/inspect.lua"),
+    include_str!("lua/purge.lua"),
+    include_str!("lua/release_stale.lua"),
+];
+
 pub(super) static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| {
     let prelude = prelude();
-    let script = |transition: &str| Script::new(&[prelude.as_str(), COMMON, transition].concat());
+    let [
+        acquire,
+        renew,
+        complete,
+        release,
+        inspect,
+        purge,
+        release_stale,
+    ] = SOURCES.map(|own| Script::new(&[prelude.as_str(), COMMON, own].concat()));
     Scripts {
-        acquire: script(include_str!("lua/acquire.lua")),
-        renew: script(include_str!("lua/renew.lua")),
-        complete: script(include_str!("lua/complete.lua")),
-        release: script(include_str!("lua/release.lua")),
+        acquire,
+        renew,
+        complete,
+        release,
+        inspect,
+        purge,
+        release_stale,
     }
 });
 
@@ -120,6 +158,9 @@ fn prelude() -> String {
     constant("COMPLETED_REPLY", &reply::COMPLETED);
     constant("MISMATCH", &reply::MISMATCH);
     constant("IN_FLIGHT_REPLY", &reply::IN_FLIGHT);
+    constant("RECORD", &reply::RECORD);
+    constant("ABSENT", &reply::ABSENT);
+    constant("PURGED", &reply::PURGED);
     lua
 }
 
@@ -171,7 +212,84 @@ pub(super) fn parse_acquired(reply: Value) -> Result<Acquired, StoreError> {
     }
 }
 
-/// The reply of renew, complete and release: 1 done, 0 not the owner.
+/// The inspect script's reply.
+pub(super) fn parse_snapshot(reply: Value) -> Result<Option<RecordSnapshot>, StoreError> {
+    let Value::Array(items) = reply else {
+        return Err(corrupt("unexpected script reply"));
+    };
+    let (record, pttl, now) = match items.as_slice() {
+        [Value::Int(reply::ABSENT)] => return Ok(None),
+        [
+            Value::Int(reply::RECORD),
+            Value::BulkString(record),
+            Value::Int(pttl),
+            Value::Int(now),
+        ] => (record, *pttl, *now),
+        [Value::Int(reply::INVALID), Value::BulkString(_)] => {
+            return Err(corrupt(
+                "the record key holds another type or a truncated value",
+            ));
+        }
+        _ => return Err(corrupt("unexpected script reply")),
+    };
+    let field = |range: std::ops::Range<usize>| {
+        record
+            .get(range)
+            .ok_or_else(|| corrupt("truncated record header"))
+    };
+    let mut fingerprint = [0; 32];
+    fingerprint.copy_from_slice(field(layout::FINGERPRINT)?);
+    let mut owner = [0; 16];
+    owner.copy_from_slice(field(layout::OWNER)?);
+    let epoch = digits(field(layout::EPOCH)?).ok_or_else(|| corrupt("invalid epoch"))?;
+    let lease_until = digits(field(layout::LEASE)?).ok_or_else(|| corrupt("invalid lease"))?;
+    let state = match record.get(layout::STATE) {
+        Some(&layout::IN_FLIGHT) => {
+            let left = lease_until.saturating_sub(u64::try_from(now).unwrap_or(0));
+            let lease = LeaseSnapshot::new(LeaseDeadline(lease_until), Duration::from_millis(left));
+            RecordState::InFlight { lease }
+        }
+        Some(&layout::RELEASED) => RecordState::Released,
+        Some(&layout::COMPLETED) => {
+            let result = field(layout::HEADER_LEN..record.len())?;
+            RecordState::Completed {
+                result: Arc::new(RecordedResult::decode(result)?),
+            }
+        }
+        _ => return Err(corrupt("record in an unknown state")),
+    };
+    let snapshot = RecordSnapshot::new(state, Fingerprint(fingerprint), epoch)
+        .with_owner(OwnerToken(u128::from_be_bytes(owner)));
+    // A negative PTTL: the key has no expiry (an operator persisted it).
+    Ok(Some(match u64::try_from(pttl) {
+        Ok(ms) => snapshot.with_ttl_left(Duration::from_millis(ms)),
+        Err(_) => snapshot,
+    }))
+}
+
+/// A number field of the header: exactly [`layout::DIGITS`] decimal digits.
+fn digits(field: &[u8]) -> Option<u64> {
+    if field.len() != layout::DIGITS || !field.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(field).ok()?.parse().ok()
+}
+
+/// The purge script's reply.
+pub(super) fn parse_purged(reply: &Value) -> Result<Purged, StoreError> {
+    let Value::Array(items) = reply else {
+        return Err(corrupt("unexpected script reply"));
+    };
+    match items.as_slice() {
+        [Value::Int(reply::PURGED)] => Ok(Purged::Deleted),
+        [Value::Int(reply::ABSENT)] => Ok(Purged::Absent),
+        [Value::Int(reply::IN_FLIGHT)] => Ok(Purged::InFlight),
+        _ => Err(corrupt("unexpected script reply")),
+    }
+}
+
+/// The reply of renew, complete, release and `release_stale`: 1 done, 0 not the owner (or, for
+/// `release_stale`, not the inspected lease).
 pub(super) fn parse_flag(reply: &Value) -> Result<bool, StoreError> {
     match reply {
         Value::Int(1) => Ok(true),
@@ -198,6 +316,7 @@ mod tests {
             "local NUMBER_FORMAT = '%016d'",
             "local COMPLETED = 'c'",
             "local IN_FLIGHT_REPLY = 4",
+            "local ABSENT = 6",
         ] {
             assert!(lua.lines().any(|l| l == line), "missing `{line}` in\n{lua}");
         }
@@ -213,12 +332,7 @@ mod tests {
     #[test]
     fn every_script_uses_only_names_it_defines() {
         // A typo in a constant's name would make Lua read a nil global at run time.
-        for script in [
-            include_str!("lua/acquire.lua"),
-            include_str!("lua/renew.lua"),
-            include_str!("lua/complete.lua"),
-            include_str!("lua/release.lua"),
-        ] {
+        for script in SOURCES.into_iter().chain([COMMON]) {
             let defined = [prelude().as_str(), COMMON, script].concat();
             for word in script
                 .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
@@ -226,7 +340,15 @@ mod tests {
                 .filter(|w| {
                     !matches!(
                         *w,
-                        "KEYS" | "ARGV" | "GET" | "SET" | "PTTL" | "TIME" | "KEEPTTL" | "PX"
+                        "KEYS"
+                            | "ARGV"
+                            | "GET"
+                            | "SET"
+                            | "DEL"
+                            | "PTTL"
+                            | "TIME"
+                            | "KEEPTTL"
+                            | "PX"
                     )
                 })
             {
@@ -235,6 +357,86 @@ mod tests {
                     "`{word}` is not defined"
                 );
             }
+        }
+    }
+
+    /// A header as the scripts write it.
+    fn header(state: u8, epoch: u64, lease_until: u64) -> Vec<u8> {
+        let mut record = vec![state];
+        record.extend_from_slice(&[7; 32]);
+        record.extend_from_slice(&OwnerToken(9).to_bytes());
+        record.extend_from_slice(format!("{epoch:016}{lease_until:016}").as_bytes());
+        record
+    }
+
+    #[test]
+    fn inspections_are_parsed_defensively() {
+        let reply = |record: Vec<u8>, pttl: i64, now: i64| {
+            Value::Array(vec![
+                Value::Int(5),
+                Value::BulkString(record),
+                Value::Int(pttl),
+                Value::Int(now),
+            ])
+        };
+        let snapshot = parse_snapshot(reply(header(b'i', 3, 10_500), 60_000, 10_000))
+            .unwrap()
+            .unwrap();
+        assert_eq!(snapshot.epoch, 3);
+        assert_eq!(snapshot.owner, Some(OwnerToken(9)));
+        assert_eq!(snapshot.fingerprint, Fingerprint([7; 32]));
+        assert_eq!(snapshot.ttl_left, Some(Duration::from_mins(1)));
+        assert_eq!(
+            snapshot.lease(),
+            Some(&LeaseSnapshot::new(
+                LeaseDeadline(10_500),
+                Duration::from_millis(500)
+            ))
+        );
+        // A lease that ran out has no time left; a key without expiry has no ttl.
+        let expired = parse_snapshot(reply(header(b'i', 1, 9_000), -1, 10_000))
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            expired.lease().map(|lease| lease.left),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(expired.ttl_left, None);
+        let released = parse_snapshot(reply(header(b'r', 2, 9_000), 5, 10_000))
+            .unwrap()
+            .unwrap();
+        assert!(matches!(released.state, RecordState::Released));
+        let mut completed = header(b'c', 2, 0);
+        completed.extend_from_slice(&RecordedResult::TooLarge.encode());
+        let completed = parse_snapshot(reply(completed, 5, 10_000))
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            completed.result().map(|result| &**result),
+            Some(&RecordedResult::TooLarge)
+        );
+        assert!(
+            parse_snapshot(Value::Array(vec![Value::Int(6)]))
+                .unwrap()
+                .is_none()
+        );
+        let mut bad_epoch = header(b'i', 1, 1);
+        bad_epoch[layout::EPOCH.start] = b'x';
+        for reply in [
+            Value::Nil,
+            Value::Array(vec![
+                Value::Int(0),
+                Value::BulkString(b"not a record".to_vec()),
+            ]),
+            reply(header(b'x', 1, 1), 5, 1),
+            reply(header(b'i', 1, 1)[..40].to_vec(), 5, 1),
+            reply(bad_epoch, 5, 1),
+            reply(header(b'c', 1, 0), 5, 1),
+        ] {
+            assert!(
+                matches!(parse_snapshot(reply.clone()), Err(StoreError::Corrupt(_))),
+                "{reply:?}"
+            );
         }
     }
 
@@ -275,6 +477,15 @@ mod tests {
                 "{reply:?}"
             );
         }
+        assert!(matches!(
+            parse_purged(&Value::Array(vec![Value::Int(7)])),
+            Ok(Purged::Deleted)
+        ));
+        assert!(matches!(
+            parse_purged(&Value::Array(vec![Value::Int(4)])),
+            Ok(Purged::InFlight)
+        ));
+        assert!(parse_purged(&Value::Int(1)).is_err());
         assert!(parse_flag(&Value::Int(1)).unwrap());
         assert!(!parse_flag(&Value::Int(0)).unwrap());
         assert!(parse_flag(&Value::Nil).is_err());

@@ -1,4 +1,4 @@
--- Shared by the four transitions. The Rust side puts the record layout's constants (HEADER_LEN,
+-- Shared by every script (the four transitions and the operator's three). The Rust side puts the record layout's constants (HEADER_LEN,
 -- the byte ranges of each field, the state letters, the reply tags) before this file and one
 -- transition after it; see `scripts.rs`. Numbers are milliseconds.
 
@@ -48,4 +48,10 @@ local function set_keeping_ttl(value, lease)
   else
     redis.call('SET', KEYS[1], value, 'KEEPTTL')
   end
+end
+
+-- Ends the lease now (state RELEASED), keeping the rest of the record and its time to live: the
+-- next acquire takes over with the next epoch.
+local function set_released(record)
+  redis.call('SET', KEYS[1], RELEASED .. string.sub(record, STATE + 1), 'KEEPTTL')
 end

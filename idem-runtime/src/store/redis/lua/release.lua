@@ -4,5 +4,5 @@ local valid, record = read_record()
 if not valid or not record or state_of(record) ~= IN_FLIGHT or owner_of(record) ~= ARGV[1] then
   return 0
 end
-redis.call('SET', KEYS[1], RELEASED .. string.sub(record, STATE + 1), 'KEEPTTL')
+set_released(record)
 return 1
