@@ -1,13 +1,16 @@
-//! The key in the OpenAPI document (`idem_runtime::openapi`, feature `utoipa`):
-//! `IdempotencyLayer::document` on a hand-built document (an attributed handler, a policy, an exempt route, a response the
+//! The key in the OpenAPI document (`idem_runtime::openapi`, feature `utoipa`): the payments
+//! example's `GET /openapi.json` fetched in process, and `IdempotencyLayer::document` on a
+//! hand-built document (an attributed handler, a policy, an exempt route, a response the
 //! operation already documents).
 
 use std::time::Duration;
 
 use axum::Router;
 use axum::routing::post;
-use http::HeaderName;
+use http::{HeaderName, StatusCode};
+use idem_examples::payments::{self, Settings};
 use idem_runtime::{Idempotency, Policy, idempotent};
+use idem_tests::support::{request, send};
 use serde_json::Value;
 use utoipa::openapi::path::{HttpMethod, OperationBuilder, PathItem};
 use utoipa::openapi::response::ResponseBuilder;
@@ -90,6 +93,95 @@ fn assert_untouched(operation: &Value, key: &str) {
     for status in ["409", "503"] {
         assert!(!responses.contains_key(status), "{status}: {operation:#}");
     }
+}
+
+#[tokio::test]
+async fn the_payments_example_publishes_its_key_per_route() {
+    let idem = Idempotency::builder().build();
+    let app = payments::app(&idem, Settings::default());
+    // No authentication: the document is public.
+    let reply = send(
+        &app,
+        request("GET", "/openapi.json")
+            .body(axum::body::Body::empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+    assert_eq!(
+        reply.header(http::header::CONTENT_TYPE),
+        Some("application/json")
+    );
+    let document = reply.json();
+
+    // The attribute's `required = true`, `ttl = "24h"`.
+    let create = operation(&document, "post", "/payments");
+    assert_idempotent(create, "Idempotency-Key", true, &["201", "402", "422"]);
+    let description = header_parameter(create, "Idempotency-Key").unwrap()["description"]
+        .as_str()
+        .unwrap();
+    assert!(description.contains("24 hours"), "{description}");
+    assert!(description.contains("Required"), "{description}");
+    let responses = &create["responses"];
+    // The handler's own 503 is not recorded (non-5xx), so it is never a replay.
+    assert!(responses["503"]["headers"]["Idempotent-Replayed"].is_null());
+    // The example's own 422 and 503 are kept; idem's problems are added to their descriptions.
+    let invalid = responses["422"]["description"].as_str().unwrap();
+    assert!(
+        invalid.starts_with("The body is not a valid payment"),
+        "{invalid}"
+    );
+    assert!(invalid.contains("idempotency-key-reused"), "{invalid}");
+    let unavailable = responses["503"]["description"].as_str().unwrap();
+    assert!(
+        unavailable.starts_with("The processor is unavailable"),
+        "{unavailable}"
+    );
+    assert!(unavailable.contains("store-unavailable"), "{unavailable}");
+    // A required key: its absence is a documented `400`.
+    assert!(
+        responses["400"]["description"]
+            .as_str()
+            .unwrap()
+            .contains("idempotency-key-missing")
+    );
+    // idem's own 409 carries the runtime's rendered problems as examples.
+    let in_progress = &responses["409"]["content"]["application/problem+json"]["examples"]["request-in-progress"]
+        ["value"];
+    assert_eq!(
+        in_progress["type"],
+        "https://idem.rs/problems/request-in-progress"
+    );
+    assert_eq!(in_progress["status"], 409);
+
+    // `#[idempotent(scope = user_id)]`: the key optional.
+    let update = operation(&document, "patch", "/payments/{id}");
+    assert_idempotent(update, "Idempotency-Key", false, &["200", "404"]);
+    // No 400 of its own: idem's, without `idempotency-key-missing`.
+    let malformed = update["responses"]["400"]["description"].as_str().unwrap();
+    assert!(malformed.contains("idempotency-key-invalid"), "{malformed}");
+    assert!(
+        !malformed.contains("idempotency-key-missing"),
+        "{malformed}"
+    );
+
+    // No attribute: the router-wide policy's settings (key optional).
+    let refund = operation(&document, "post", "/payments/{id}/refunds");
+    assert_idempotent(refund, "Idempotency-Key", false, &["201", "400", "404"]);
+
+    // Safe methods get nothing.
+    for (method, path) in [
+        ("get", "/payments"),
+        ("get", "/payments/{id}"),
+        ("get", "/payments/{id}/refunds"),
+    ] {
+        assert_untouched(operation(&document, method, path), "Idempotency-Key");
+    }
+
+    // The example names its own problem schema `Problem`: idem reuses it.
+    let problem = &document["components"]["schemas"]["Problem"];
+    assert!(problem["properties"]["type"].is_object(), "{problem:#}");
+    assert!(problem["properties"]["detail"].is_object(), "{problem:#}");
 }
 
 /// A handler known to the document by its name (utoipa's default operation id).
