@@ -24,8 +24,12 @@
 //!   `404`; refunds adding up to more than the payment → `400 refund-exceeds-payment`
 //!   (deterministic, so recorded and replayed).
 //! * `GET /payments/{id}/refunds` — that payment's refunds, oldest first, or `404`.
+//! * `GET /openapi.json` — the API's OpenAPI document ([`openapi`]): utoipa's, from the handlers'
+//!   `#[utoipa::path]`, plus what idem adds to each idempotent operation (the `Idempotency-Key`
+//!   header, required on `POST /payments` and optional on the others, the `Idempotent-Replayed`
+//!   header and idem's problem responses). No authentication.
 //!
-//! Every request needs `Authorization: Bearer <user>`; the token is the user id.
+//! Every other request needs `Authorization: Bearer <user>`; the token is the user id.
 //!
 //! **The ledger is bounded.** The payments live in this process's memory, at most
 //! [`Settings::ledger_capacity`] of them across all users ([`DEFAULT_LEDGER_CAPACITY`], 50 000:
@@ -50,9 +54,10 @@ use axum::http::{HeaderValue, StatusCode, header, request::Parts};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use idem_runtime::{Idempotency, Policy, idempotent};
+use idem_runtime::{Idempotency, IdempotencyLayer, Policy, idempotent};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use utoipa::{OpenApi, ToSchema};
 
 use self::ledger::{Ledger, RefundError, UnknownCursor};
 
@@ -88,12 +93,14 @@ impl Default for Settings {
 }
 
 /// Builds the router: the routes, wired to `idem` with the router-wide policy that covers the
-/// routes without an attribute ([`policy`]).
+/// routes without an attribute ([`policy`]), and `GET /openapi.json` ([`openapi`]).
 pub fn app(idem: &Idempotency, settings: Settings) -> Router {
     let state = AppState {
         ledger: Arc::new(Mutex::new(Ledger::new(settings.ledger_capacity))),
         settings: Arc::new(settings),
     };
+    let layer = idem.layer().policy(policy());
+    let document = openapi(&layer);
     Router::new()
         .route("/payments", get(list_payments).post(create_payment))
         .route("/payments/{id}", get(get_payment).patch(update_payment))
@@ -102,8 +109,40 @@ pub fn app(idem: &Idempotency, settings: Settings) -> Router {
             get(list_refunds).post(create_refund),
         )
         .with_state(state)
-        .layer(idem.layer().policy(policy()))
+        .route(
+            "/openapi.json",
+            get(move || std::future::ready(Json(document.clone()))),
+        )
+        .layer(layer)
 }
+
+/// The API's OpenAPI document: [`ApiDoc`], which utoipa derives from the handlers'
+/// `#[utoipa::path]`, with what `layer` makes idempotent added by idem in one call (the key
+/// header on each idempotent operation, `required` as its route says, the `Idempotent-Replayed`
+/// response header and idem's problem responses).
+pub fn openapi(layer: &IdempotencyLayer) -> utoipa::openapi::OpenApi {
+    let mut document = ApiDoc::openapi();
+    layer.document(&mut document);
+    document
+}
+
+/// The API's operations as utoipa derives them, before idem's additions ([`openapi`]).
+#[derive(Debug, OpenApi)]
+#[openapi(
+    info(
+        title = "Payments",
+        description = "The idem payments example. Every operation needs `Authorization: Bearer <user>`."
+    ),
+    paths(
+        create_payment,
+        list_payments,
+        get_payment,
+        update_payment,
+        create_refund,
+        list_refunds
+    )
+)]
+pub struct ApiDoc;
 
 /// The example's router-wide policy: every `POST` and `PATCH` that carries a key is idempotent,
 /// the key optional, scoped per user. The attributed routes keep their own settings.
@@ -112,7 +151,7 @@ pub fn policy() -> Policy {
 }
 
 /// A payment as the API returns it.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
 pub struct Payment {
     /// `pay_` and 16 hex digits.
     pub id: String,
@@ -128,15 +167,17 @@ pub struct Payment {
 }
 
 /// The body of `POST /payments`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewPayment {
+    /// Minor units, > 0; above 1 000 000 the payment is declined.
     amount: u64,
+    /// Three upper-case letters (ISO 4217); `XTS` simulates a processor outage.
     currency: String,
 }
 
 /// A refund as the API returns it.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
 pub struct Refund {
     /// `re_` and 16 hex digits.
     pub id: String,
@@ -147,17 +188,36 @@ pub struct Refund {
 }
 
 /// The body of `POST /payments/{id}/refunds`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewRefund {
+    /// Minor units, > 0; all refunds of a payment add up to at most its amount.
     amount: u64,
 }
 
 /// The body of `PATCH /payments/{id}`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PaymentUpdate {
+    /// At most 1024 bytes.
     description: String,
+}
+
+/// A problem document (RFC 9457): the example's own problems and idem's have the same members,
+/// and share this `Problem` schema in the OpenAPI document.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[schema(as = Problem)]
+pub struct ProblemDocument {
+    /// The problem type: `https://payments.example/problems/<slug>` for the service's own,
+    /// `https://idem.rs/problems/<slug>` for idem's.
+    #[serde(rename = "type")]
+    pub type_uri: String,
+    /// A short summary of the problem type.
+    pub title: String,
+    /// The HTTP status.
+    pub status: u16,
+    /// What went wrong with this request.
+    pub detail: String,
 }
 
 #[derive(Clone)]
@@ -229,6 +289,31 @@ where
     }
 }
 
+/// Creates a payment.
+///
+/// Charged at most once per `Idempotency-Key`: a retry with the same key gets the first answer.
+#[utoipa::path(
+    post,
+    path = "/payments",
+    tag = "payments",
+    request_body = NewPayment,
+    responses(
+        (status = 201, description = "The payment.", body = Payment,
+            headers(("Location" = String, description = "`/payments/{id}`"))),
+        (status = 400, description = "The body is not JSON (`malformed-json`).",
+            body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 401, description = "No `Authorization: Bearer <user>` (`unauthorized`).",
+            body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 402, description = "Declined: the amount is above 1 000 000 (`declined`; deterministic, so recorded and replayed).",
+            body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 415, description = "The body is not sent as `application/json` (`unsupported-media-type`).",
+            body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 422, description = "The body is not a valid payment (`invalid-payment`).",
+            body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 503, description = "The processor is unavailable (`processor-unavailable`; transient, so not recorded: retry with the same key).",
+            body = ProblemDocument, content_type = "application/problem+json"),
+    )
+)]
 #[idempotent(required = true, ttl = "24h", scope = user_id)]
 async fn create_payment(
     AuthUser(user_id): AuthUser,
@@ -295,6 +380,24 @@ struct ListQuery {
     starting_after: Option<String>,
 }
 
+/// Lists this user's payments, oldest first, a page at a time.
+#[utoipa::path(
+    get,
+    path = "/payments",
+    tag = "payments",
+    params(
+        ("limit" = Option<usize>, Query, description = "How many payments at most: 1 to 1000, default 100."),
+        ("starting_after" = Option<String>, Query, description = "A payment id: the page starts after it."),
+    ),
+    responses(
+        (status = 200, description = "A page of payments (a bare array; shorter than `limit` on the last page).",
+            body = Vec<Payment>),
+        (status = 400, description = "`invalid-limit`, `invalid-starting-after` or `invalid-query`.",
+            body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 401, description = "No `Authorization: Bearer <user>` (`unauthorized`).",
+            body = ProblemDocument, content_type = "application/problem+json"),
+    )
+)]
 async fn list_payments(
     AuthUser(user_id): AuthUser,
     State(state): State<AppState>,
@@ -340,6 +443,20 @@ async fn list_payments(
     }
 }
 
+/// One payment.
+#[utoipa::path(
+    get,
+    path = "/payments/{id}",
+    tag = "payments",
+    params(("id" = String, Path, description = "The payment's id.")),
+    responses(
+        (status = 200, description = "The payment.", body = Payment),
+        (status = 401, description = "No `Authorization: Bearer <user>` (`unauthorized`).",
+            body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 404, description = "No such payment of this user (`not-found`).",
+            body = ProblemDocument, content_type = "application/problem+json"),
+    )
+)]
 async fn get_payment(
     AuthUser(user_id): AuthUser,
     State(state): State<AppState>,
@@ -351,6 +468,23 @@ async fn get_payment(
     }
 }
 
+/// Sets a payment's description.
+#[utoipa::path(
+    patch,
+    path = "/payments/{id}",
+    tag = "payments",
+    params(("id" = String, Path, description = "The payment's id.")),
+    request_body = PaymentUpdate,
+    responses(
+        (status = 200, description = "The updated payment.", body = Payment),
+        (status = 401, description = "No `Authorization: Bearer <user>` (`unauthorized`).",
+            body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 404, description = "No such payment of this user (`not-found`).",
+            body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 422, description = "The description is longer than 1024 bytes (`invalid-payment`).",
+            body = ProblemDocument, content_type = "application/problem+json"),
+    )
+)]
 #[idempotent(scope = user_id)]
 async fn update_payment(
     AuthUser(user_id): AuthUser,
@@ -372,7 +506,29 @@ async fn update_payment(
     }
 }
 
-/// No attribute: the router-wide policy makes it idempotent (see [`policy`]).
+/// Refunds part of a payment.
+///
+/// No `#[idempotent]`: the router-wide policy makes it idempotent (see [`policy`]), and its
+/// OpenAPI operation gets the policy's settings.
+#[utoipa::path(
+    post,
+    path = "/payments/{id}/refunds",
+    tag = "refunds",
+    params(("id" = String, Path, description = "The payment's id.")),
+    request_body = NewRefund,
+    responses(
+        (status = 201, description = "The refund.", body = Refund,
+            headers(("Location" = String, description = "`/payments/{id}/refunds/{refund_id}`"))),
+        (status = 400, description = "Refunds would add up to more than the payment (`refund-exceeds-payment`; recorded and replayed).",
+            body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 401, description = "No `Authorization: Bearer <user>` (`unauthorized`).",
+            body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 404, description = "No such payment of this user (`not-found`).",
+            body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 422, description = "The amount is 0 (`invalid-refund`).",
+            body = ProblemDocument, content_type = "application/problem+json"),
+    )
+)]
 async fn create_refund(
     AuthUser(user_id): AuthUser,
     State(state): State<AppState>,
@@ -423,6 +579,20 @@ async fn create_refund(
     ))
 }
 
+/// A payment's refunds, oldest first.
+#[utoipa::path(
+    get,
+    path = "/payments/{id}/refunds",
+    tag = "refunds",
+    params(("id" = String, Path, description = "The payment's id.")),
+    responses(
+        (status = 200, description = "The refunds.", body = Vec<Refund>),
+        (status = 401, description = "No `Authorization: Bearer <user>` (`unauthorized`).",
+            body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 404, description = "No such payment of this user (`not-found`).",
+            body = ProblemDocument, content_type = "application/problem+json"),
+    )
+)]
 async fn list_refunds(
     AuthUser(user_id): AuthUser,
     State(state): State<AppState>,

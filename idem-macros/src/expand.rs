@@ -89,6 +89,8 @@ pub(crate) fn expand(spec: &Spec) -> TokenStream {
             #(#inner_attrs)*
             #sig #block
             static #route: #private::RouteConfig = #private::RouteConfig::new(#route_name) #(#setters)*;
+            // Publishes the settings for the runtime's OpenAPI support; nothing without its feature.
+            #private::register!(#route);
             #run
         }
     }

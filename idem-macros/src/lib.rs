@@ -190,6 +190,9 @@ use proc_macro::TokenStream;
 ///         ::idem_runtime::__private::RouteConfig::new("create_payment")
 ///             .required(true)
 ///             .ttl(::idem_runtime::__private::Duration::from_secs(86400));
+///     // With the runtime's `utoipa` feature, publishes the settings at link time for
+///     // `IdempotencyLayer::document`; without it, expands to nothing.
+///     ::idem_runtime::__private::register!(IDEM_ROUTE);
 ///     // `scope = user_id`: your pattern, keeping only `user_id`, matched by reference.
 ///     let idem_scope = {
 ///         let AuthUser(user_id) = &idem_arg0;
@@ -237,9 +240,14 @@ use proc_macro::TokenStream;
 ///   Because your function is nested inside the route function, its body cannot refer to `Self` when
 ///   the handler is an associated function.
 /// * **Attributes are split.** `doc`, `cfg`, `cfg_attr`, lint levels (`allow`, `warn`, `deny`,
-///   `forbid`, `expect`), `must_use` and `deprecated` stay on the route function; every other
-///   attribute (for example `#[tracing::instrument]`) moves to your nested function, where it sees your
-///   parameters and body.
+///   `forbid`, `expect`), `must_use`, `deprecated` and `utoipa::path` stay on the route function;
+///   every other attribute (for example `#[tracing::instrument]`) moves to your nested function,
+///   where it sees your parameters and body. `#[utoipa::path]` works above or below
+///   `#[idempotent]`: below, it stays on the route function, so the `__path_<name>` item it
+///   generates stays beside it, where `#[derive(OpenApi)]` finds it (it then sees the route
+///   function's positional parameters; with utoipa's `axum_extras`, which reads parameters, put it
+///   above). With the runtime's `utoipa` feature, one call adds the key header and idem's
+///   responses to the document: see `idem_runtime::openapi`.
 /// * **Patterns around `scope`.** The scope binding is found through tuple, tuple-struct, struct,
 ///   slice, reference and `@` patterns, but not inside or-patterns or macros.
 #[proc_macro_attribute]

@@ -49,7 +49,7 @@ pub(crate) struct Scope {
 /// The user's function, taken apart.
 pub(crate) struct Handler {
     /// Attributes that describe the route function itself: docs, `cfg`, lint levels, `must_use`,
-    /// `deprecated`.
+    /// `deprecated`, `utoipa::path`.
     pub(crate) outer_attrs: Vec<Attribute>,
     /// Every other attribute (e.g. `#[tracing::instrument]`); they apply to the user's code.
     pub(crate) inner_attrs: Vec<Attribute>,
@@ -60,7 +60,8 @@ pub(crate) struct Handler {
     pub(crate) block: Box<Block>,
 }
 
-/// Attributes kept on the outer (route) function; all others move to the inner function.
+/// Attributes kept on the outer (route) function, by name; all others move to the inner function
+/// (except those of [`OUTER_PATHS`]).
 const OUTER_ATTRS: [&str; 10] = [
     "doc",
     "cfg",
@@ -73,6 +74,25 @@ const OUTER_ATTRS: [&str; 10] = [
     "must_use",
     "deprecated",
 ];
+
+/// Attributes kept on the outer (route) function, by path: they document the route and generate
+/// items beside it that must stay reachable (`#[utoipa::path]` emits `__path_<name>`, which the
+/// application's `#[derive(OpenApi)]` names; inside the route function's body it could not).
+const OUTER_PATHS: [&[&str]; 1] = [&["utoipa", "path"]];
+
+/// Whether `attr` stays on the route function.
+fn is_outer(attr: &Attribute) -> bool {
+    let path = attr.path();
+    OUTER_ATTRS.iter().any(|name| path.is_ident(name))
+        || OUTER_PATHS.iter().any(|outer| {
+            path.segments.len() == outer.len()
+                && path
+                    .segments
+                    .iter()
+                    .zip(*outer)
+                    .all(|(segment, name)| segment.ident == name && segment.arguments.is_none())
+        })
+}
 
 /// Checks `func` and `args` together. Problems are recorded in `errors`; the returned spec is only
 /// meaningful when none were.
@@ -101,10 +121,7 @@ pub(crate) fn validate(args: Args, func: ItemFn, errors: &mut Errors) -> Spec {
             quote!(#path)
         },
     );
-    let (outer_attrs, inner_attrs) = func
-        .attrs
-        .into_iter()
-        .partition(|attr| OUTER_ATTRS.iter().any(|name| attr.path().is_ident(name)));
+    let (outer_attrs, inner_attrs) = func.attrs.into_iter().partition(is_outer);
     Spec {
         krate,
         route_name: func.sig.ident.unraw().to_string(),
@@ -272,4 +289,28 @@ fn setters(args: &Args) -> Vec<Setter> {
     .into_iter()
     .flatten()
     .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use syn::Attribute;
+    use syn::parse::Parser as _;
+
+    use super::is_outer;
+
+    fn attr(tokens: proc_macro2::TokenStream) -> Attribute {
+        let mut attrs = Attribute::parse_outer.parse2(tokens).expect("an attribute");
+        attrs.remove(0)
+    }
+
+    #[test]
+    fn utoipa_path_stays_on_the_route_function() {
+        use quote::quote;
+        assert!(is_outer(&attr(quote!(#[utoipa::path(post, path = "/")]))));
+        assert!(is_outer(&attr(quote!(#[::utoipa::path(post, path = "/")]))));
+        assert!(is_outer(&attr(quote!(#[doc = "docs"]))));
+        assert!(!is_outer(&attr(quote!(#[tracing::instrument]))));
+        assert!(!is_outer(&attr(quote!(#[path(post)]))));
+        assert!(!is_outer(&attr(quote!(#[other::utoipa::path]))));
+    }
 }

@@ -36,7 +36,9 @@
 //!   [`Idempotency::operator`];
 //! * `admin` (feature `admin`): an optional axum router exposing the operator's view, with no
 //!   authentication of its own;
-//! * [`testing`]: [`FreshKeys`](testing::FreshKeys), for an application's own tests.
+//! * [`testing`]: [`FreshKeys`](testing::FreshKeys), for an application's own tests;
+//! * `openapi` (feature `utoipa`): the key header, the replay marker and the problem responses
+//!   in the service's OpenAPI document, in one call.
 //!
 //! ## The guarantee
 //!
@@ -55,6 +57,8 @@ pub mod extract;
 pub mod fingerprint;
 pub mod key;
 pub mod layer;
+#[cfg(feature = "utoipa")]
+pub mod openapi;
 pub mod operator;
 mod outage;
 pub mod problem;
@@ -92,4 +96,32 @@ pub mod __private {
     pub use crate::executor::{execute, execute_extracted};
     pub use crate::extract::{Idempotent, IdempotentRequest};
     pub use crate::fingerprint::{Scope, scope};
+
+    /// `register!(IDEM_ROUTE)` publishes a route's settings for [`crate::openapi`]: an
+    /// `inventory::submit!` with the feature `utoipa`, nothing without it.
+    pub use crate::__idem_register as register;
+    #[cfg(feature = "utoipa")]
+    pub use crate::openapi::Registration;
+    #[cfg(feature = "utoipa")]
+    pub use inventory;
+}
+
+/// `__private::register!`: see there.
+#[cfg(feature = "utoipa")]
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __idem_register {
+    ($route:ident) => {
+        $crate::__private::inventory::submit! {
+            $crate::__private::Registration::new(&$route)
+        }
+    };
+}
+
+/// `__private::register!`: see there.
+#[cfg(not(feature = "utoipa"))]
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __idem_register {
+    ($route:ident) => {};
 }

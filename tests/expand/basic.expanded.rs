@@ -18,6 +18,22 @@ pub async fn create_payment(
         )
         .required(true)
         .ttl(::idem_runtime::__private::Duration::from_secs(86400));
+    #[allow(non_upper_case_globals)]
+    const _: () = {
+        static __INVENTORY: ::inventory::Node = ::inventory::Node {
+            value: &{ ::idem_runtime::__private::Registration::new(&IDEM_ROUTE) },
+            next: ::inventory::__private::UnsafeCell::new(
+                ::inventory::__private::Option::None,
+            ),
+        };
+        #[link_section = ".text.startup"]
+        unsafe extern "C" fn __ctor() {
+            unsafe { ::inventory::ErasedNode::submit(__INVENTORY.value, &__INVENTORY) }
+        }
+        #[used]
+        #[link_section = ".init_array"]
+        static __CTOR: unsafe extern "C" fn() = __ctor;
+    };
     let idem_scope = ::idem_runtime::__private::Scope::NONE;
     ::idem_runtime::__private::execute(
             idem_arg1,

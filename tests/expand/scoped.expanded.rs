@@ -38,6 +38,22 @@ pub async fn create_payment(
         )
         .required(true)
         .ttl(::idem_runtime::__private::Duration::from_secs(86400));
+    #[allow(non_upper_case_globals)]
+    const _: () = {
+        static __INVENTORY: ::inventory::Node = ::inventory::Node {
+            value: &{ ::idem_runtime::__private::Registration::new(&IDEM_ROUTE) },
+            next: ::inventory::__private::UnsafeCell::new(
+                ::inventory::__private::Option::None,
+            ),
+        };
+        #[link_section = ".text.startup"]
+        unsafe extern "C" fn __ctor() {
+            unsafe { ::inventory::ErasedNode::submit(__INVENTORY.value, &__INVENTORY) }
+        }
+        #[used]
+        #[link_section = ".init_array"]
+        static __CTOR: unsafe extern "C" fn() = __ctor;
+    };
     let idem_scope = {
         let AuthUser(user_id) = &idem_arg0;
         ::idem_runtime::__private::scope(user_id)
@@ -67,6 +83,22 @@ pub async fn rename(
             "rename",
         )
         .store(::idem_runtime::__private::StorePolicy::All);
+    #[allow(non_upper_case_globals)]
+    const _: () = {
+        static __INVENTORY: ::inventory::Node = ::inventory::Node {
+            value: &{ ::idem_runtime::__private::Registration::new(&IDEM_ROUTE) },
+            next: ::inventory::__private::UnsafeCell::new(
+                ::inventory::__private::Option::None,
+            ),
+        };
+        #[link_section = ".text.startup"]
+        unsafe extern "C" fn __ctor() {
+            unsafe { ::inventory::ErasedNode::submit(__INVENTORY.value, &__INVENTORY) }
+        }
+        #[used]
+        #[link_section = ".init_array"]
+        static __CTOR: unsafe extern "C" fn() = __ctor;
+    };
     let idem_scope = {
         let Path((org, _)) = &idem_arg0;
         ::idem_runtime::__private::scope(org)
@@ -90,6 +122,22 @@ pub async fn import(
     static IDEM_ROUTE: ::idem_runtime::__private::RouteConfig = ::idem_runtime::__private::RouteConfig::new(
         "import",
     );
+    #[allow(non_upper_case_globals)]
+    const _: () = {
+        static __INVENTORY: ::inventory::Node = ::inventory::Node {
+            value: &{ ::idem_runtime::__private::Registration::new(&IDEM_ROUTE) },
+            next: ::inventory::__private::UnsafeCell::new(
+                ::inventory::__private::Option::None,
+            ),
+        };
+        #[link_section = ".text.startup"]
+        unsafe extern "C" fn __ctor() {
+            unsafe { ::inventory::ErasedNode::submit(__INVENTORY.value, &__INVENTORY) }
+        }
+        #[used]
+        #[link_section = ".init_array"]
+        static __CTOR: unsafe extern "C" fn() = __ctor;
+    };
     let (idem_request, idem_arg0) = match ::idem_runtime::__private::Idempotent::extract(
             idem_arg0,
         )

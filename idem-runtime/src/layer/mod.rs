@@ -147,6 +147,27 @@ impl IdempotencyLayer {
         }
     }
 
+    /// The runtime the layer carries.
+    #[cfg(feature = "utoipa")]
+    pub(crate) fn runtime(&self) -> &Idempotency {
+        &self.runtime
+    }
+
+    /// The settings the layer's policy applies to `method` on `route`, if it has a policy that
+    /// covers them (see `Covered::applies`).
+    #[cfg(feature = "utoipa")]
+    pub(crate) fn policy_for(
+        &self,
+        method: &Method,
+        route: &str,
+        same_route: impl Fn(&str, &str) -> bool,
+    ) -> Option<&crate::config::RouteConfig> {
+        self.policy
+            .as_deref()
+            .filter(|policy| policy.applies(method, route, same_route))
+            .map(|policy| &*policy.route)
+    }
+
     /// [`IdempotencyLayer::policy`], returning the error of an invalid policy.
     pub fn try_policy(mut self, policy: Policy) -> Result<Self, PolicyError> {
         policy.validate()?;
@@ -238,7 +259,19 @@ impl Covered {
         let route = route.as_str();
         let left_to_the_route =
             self.participants.contains(method, route) && request.headers().contains_key(key_header);
-        !self.exempt.iter().any(|exempt| exempt == route) && !left_to_the_route
+        self.applies(method, route, |exempt, route| exempt == route) && !left_to_the_route
+    }
+
+    /// Whether the policy's settings are meant for `method` on `route`: a covered method, on a
+    /// route no exemption names. `same_route` tells whether an exemption (as written in the
+    /// router) names `route`.
+    fn applies(
+        &self,
+        method: &Method,
+        route: &str,
+        same_route: impl Fn(&str, &str) -> bool,
+    ) -> bool {
+        self.methods.contains(method) && !self.exempt.iter().any(|exempt| same_route(exempt, route))
     }
 
     async fn run<S>(self: Arc<Self>, runtime: Idempotency, inner: S, request: Request) -> Response
