@@ -6,7 +6,12 @@
 //! * `REDIS_URL` — unset or empty: the embedded in-memory store; set: a local cache
 //!   ([`TieredStore`]) in front of the Redis at that URL;
 //! * `PAYMENTS_PROCESSING_MS` — simulated processor latency inside `POST /payments` (default 0);
-//! * `IDEM_LEASE_MS` — the in-flight lease (default the runtime's, 30 s).
+//! * `IDEM_LEASE_MS` — the in-flight lease (default the runtime's, 30 s);
+//! * `DATABASE_URL` — a `postgres://` URL: the idempotency records live in PostgreSQL (the schema
+//!   is created or migrated at start-up; a database that does not answer stops the service with a
+//!   message), behind a local cache. Together with `REDIS_URL` it is a start-up error naming both.
+//!   Not yet done (DESIGN.md section 8): the payments themselves still live in this process's
+//!   memory, not in the database, and are not written in the record's transaction.
 //!
 //! Prints `listening on http://ADDR` on stdout once it accepts connections; stops cleanly on
 //! SIGTERM or Ctrl-C, letting running handlers finish and record their results.
@@ -19,7 +24,7 @@ use std::io::Write as _;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use idem_runtime::store::{RedisConfig, RedisStore, TieredStore};
+use idem_runtime::store::{PostgresConfig, PostgresStore, RedisConfig, RedisStore, TieredStore};
 use idem_runtime::{Idempotency, IdempotencyBuilder};
 
 use crate::payments::{self, Settings};
@@ -61,11 +66,17 @@ pub async fn serve_from_env() -> Result<(), String> {
     if let Some(lease) = env_u64("IDEM_LEASE_MS")? {
         builder = builder.lease(Duration::from_millis(lease));
     }
-    if let Some(url) = std::env::var("REDIS_URL")
-        .ok()
-        .filter(|url| !url.is_empty())
-    {
-        builder = with_redis(builder, &url).await?;
+    match (env_url("DATABASE_URL"), env_url("REDIS_URL")) {
+        (Some(_), Some(_)) => {
+            return Err(
+                "DATABASE_URL and REDIS_URL are both set: set one of them (DATABASE_URL keeps the \
+                 records in PostgreSQL, REDIS_URL in Redis)"
+                    .to_owned(),
+            );
+        }
+        (Some(url), None) => builder = with_postgres(builder, &url).await?,
+        (None, Some(url)) => builder = with_redis(builder, &url).await?,
+        (None, None) => {}
     }
     let idem = builder.build();
 
@@ -99,6 +110,27 @@ async fn with_redis(builder: IdempotencyBuilder, url: &str) -> Result<Idempotenc
         .await
         .map_err(|error| format!("cannot use REDIS_URL: {error}"))?;
     Ok(builder.store(TieredStore::new(redis)))
+}
+
+/// Puts a local cache in front of the PostgreSQL database at `url`, after creating or migrating
+/// idem's schema there. A database that does not answer stops the service at start-up.
+async fn with_postgres(
+    builder: IdempotencyBuilder,
+    url: &str,
+) -> Result<IdempotencyBuilder, String> {
+    let store = PostgresStore::connect(url, PostgresConfig::new())
+        .await
+        .map_err(|error| format!("cannot use DATABASE_URL: {error}"))?;
+    store
+        .migrate()
+        .await
+        .map_err(|error| format!("cannot migrate the database at DATABASE_URL: {error}"))?;
+    Ok(builder.store(TieredStore::new(store)))
+}
+
+/// The variable `name`, when it is set and not empty.
+fn env_url(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|url| !url.is_empty())
 }
 
 /// Descriptors kept for everything but client connections: the listener, standard streams, the

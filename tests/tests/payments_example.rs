@@ -1155,3 +1155,76 @@ async fn the_binary_scopes_refund_keys_per_user() {
     payments.terminate();
     payments.assert_clean_exit().await;
 }
+
+/// Runs the binary with `env` and expects it to stop at start-up: a failure exit code and a message
+/// naming `every` word, without ever listening.
+#[cfg(unix)]
+async fn refuses_to_start(env: &[(&str, &str)], every: &[&str]) {
+    let mut command = tokio::process::Command::new(idem_tests::process::payments_binary());
+    command
+        .env("IDEM_LISTEN", "127.0.0.1:0")
+        .env_remove("REDIS_URL")
+        .env_remove("DATABASE_URL")
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+    for (name, value) in env {
+        command.env(name, value);
+    }
+    let output = within("the binary to give up", command.output())
+        .await
+        .expect("the binary runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stdout} {stderr}");
+    assert!(!stdout.contains("listening on"), "{stdout}");
+    for word in every {
+        assert!(stderr.contains(word), "`{word}` not in {stderr}");
+    }
+}
+
+/// DESIGN.md section 8: `DATABASE_URL` and `REDIS_URL` together, or a database that does not
+/// answer, stop the service at start-up with a message.
+#[cfg(unix)]
+#[tokio::test]
+async fn the_binary_refuses_both_stores_and_an_unreachable_database() {
+    refuses_to_start(
+        &[
+            ("DATABASE_URL", "postgres://idem@127.0.0.1:1/idem"),
+            ("REDIS_URL", "redis://127.0.0.1:1/"),
+        ],
+        &["DATABASE_URL", "REDIS_URL"],
+    )
+    .await;
+    refuses_to_start(
+        &[("DATABASE_URL", "postgres://idem@127.0.0.1:1/idem")],
+        &["DATABASE_URL"],
+    )
+    .await;
+}
+
+/// With `DATABASE_URL`, the binary migrates idem's schema and keeps its records in PostgreSQL: a
+/// retry is replayed from the database's record.
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_keeps_its_records_in_postgresql_with_database_url() {
+    let database = idem_tests::postgres::PostgresServer::start();
+    let url = database.url();
+    let payments = PaymentsProcess::start(&[("DATABASE_URL", url.as_str())]).await;
+    let body = br#"{"amount": 7, "currency": "EUR"}"#;
+    let [auth, json] = ANN_PAYS;
+    let request = http1_request(
+        "POST",
+        "/payments",
+        &[auth, json, (IDEMPOTENCY_KEY, "pg-1")],
+        body,
+    );
+    let created = raw_exchange(payments.addr, &request).await;
+    assert_eq!(created.status, StatusCode::CREATED, "{created:?}");
+    let replay = raw_exchange(payments.addr, &request).await;
+    assert!(replay.replayed());
+    assert_eq!(replay.body, created.body);
+    let rows = database.psql("postgres", "SELECT count(*) FROM idem_records");
+    assert_eq!(rows.trim(), "1", "one record in the database");
+    payments.terminate();
+    payments.assert_clean_exit().await;
+}
