@@ -181,28 +181,31 @@ impl LayerClaim {
 
 /// The routes a router-wide layer has seen handled by idempotency of their own.
 #[derive(Debug, Default)]
-pub(crate) struct Participants(std::sync::RwLock<std::collections::HashSet<(Method, Box<str>)>>);
+/// Keyed by route, so that a lookup (on every covered request) hashes the borrowed path and
+/// allocates nothing; a route has at most a few methods.
+pub(crate) struct Participants(std::sync::RwLock<std::collections::HashMap<Box<str>, Vec<Method>>>);
 
 impl Participants {
     pub(crate) fn contains(&self, method: &Method, route: &str) -> bool {
-        let routes = self
-            .0
+        self.0
             .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        // Looked up without allocating: the set is small and read on every covered request.
-        routes
-            .iter()
-            .any(|(known, path)| known == method && &**path == route)
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(route)
+            .is_some_and(|methods| methods.contains(method))
     }
 
     fn insert(&self, method: &Method, route: &str) {
         if self.contains(method, route) {
             return;
         }
-        self.0
+        let mut routes = self
+            .0
             .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert((method.clone(), route.into()));
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let methods = routes.entry(route.into()).or_default();
+        if !methods.contains(method) {
+            methods.push(method.clone());
+        }
     }
 }
 

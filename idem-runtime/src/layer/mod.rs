@@ -279,10 +279,9 @@ impl Covered {
         S: Service<Request, Response = Response, Error = Infallible> + Send + 'static,
         S::Future: Send + 'static,
     {
-        let label = request
-            .extensions()
-            .get::<MatchedPath>()
-            .map_or_else(|| "?".to_owned(), |route| route.as_str().to_owned());
+        // The matched route shares its text (an `Arc`): labelling the request allocates nothing.
+        let matched = request.extensions().get::<MatchedPath>().cloned();
+        let label = matched.as_ref().map_or("?", MatchedPath::as_str);
         let key = match extract::read_key(&runtime, &request) {
             Ok(key) => key,
             Err(error) if self.route.report_only => {
@@ -301,7 +300,7 @@ impl Covered {
             return execute_layered(
                 request_mode,
                 self.route.clone(),
-                &label,
+                label,
                 &Scope::NONE,
                 Arc::clone(&self.participants),
                 call,
@@ -309,7 +308,7 @@ impl Covered {
             .await;
         };
         let (mut parts, body) = request.into_parts();
-        let scope = match self.scope(&runtime, &mut parts, &label).await {
+        let scope = match self.scope(&runtime, &mut parts, label).await {
             Ok(scope) => scope,
             Err(_) if self.route.report_only => {
                 return call(inner, Request::from_parts(parts, body)).await;
@@ -332,7 +331,7 @@ impl Covered {
                 transaction: None,
             },
             self.route.clone(),
-            &label,
+            label,
             &scope,
             Arc::clone(&self.participants),
             call,
