@@ -282,30 +282,30 @@ impl Covered {
         // The matched route shares its text (an `Arc`): labelling the request allocates nothing.
         let matched = request.extensions().get::<MatchedPath>().cloned();
         let label = matched.as_ref().map_or("?", MatchedPath::as_str);
+        // No key or a malformed one: the executor decides as for the attribute (the policy's
+        // `required`, report-only); a request that runs goes on as it came.
         let key = match extract::read_key(&runtime, &request) {
-            Ok(key) => key,
-            Err(error) if self.route.report_only => {
-                tracing::info!(route = %label, %error, outcome = "report_only", would = "rejected", "report-only: the request runs, but idempotency would have refused its key");
-                return call(inner, request).await;
+            Ok(Some(key)) => key,
+            unkeyed => {
+                let mode = match unkeyed {
+                    Err(error) => Mode::InvalidKey(runtime, error),
+                    Ok(_) => Mode::NoKey(runtime),
+                };
+                let call: LayerCallOnce = Box::new(move |_| call(inner, request));
+                let request_mode = IdempotentRequest {
+                    mode,
+                    transaction: None,
+                };
+                return execute_layered(
+                    request_mode,
+                    self.route.clone(),
+                    label,
+                    &Scope::NONE,
+                    Arc::clone(&self.participants),
+                    call,
+                )
+                .await;
             }
-            Err(error) => return extract::key_invalid(&runtime, error),
-        };
-        let Some(key) = key else {
-            // No key: the policy's `required` decides; otherwise the request runs as it came.
-            let request_mode = IdempotentRequest {
-                mode: Mode::NoKey(runtime),
-                transaction: None,
-            };
-            let call: LayerCallOnce = Box::new(move |_| call(inner, request));
-            return execute_layered(
-                request_mode,
-                self.route.clone(),
-                label,
-                &Scope::NONE,
-                Arc::clone(&self.participants),
-                call,
-            )
-            .await;
         };
         let (mut parts, body) = request.into_parts();
         let scope = match self.scope(&runtime, &mut parts, label).await {
