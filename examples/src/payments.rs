@@ -319,14 +319,7 @@ async fn create_payment(
     AuthUser(user_id): AuthUser,
     State(state): State<AppState>,
     ApiJson(new): ApiJson<NewPayment>,
-) -> Result<
-    (
-        StatusCode,
-        [(header::HeaderName, HeaderValue); 1],
-        Json<Payment>,
-    ),
-    ApiProblem,
-> {
+) -> Result<Created<Payment>, ApiProblem> {
     if new.amount == 0 {
         return Err(ApiProblem::invalid(
             "`amount` must be an integer greater than 0",
@@ -363,13 +356,20 @@ async fn create_payment(
         status: "succeeded".to_owned(),
         description: None,
     };
-    let location = HeaderValue::try_from(format!("/payments/{}", payment.id))
-        .map_err(|_| ApiProblem::internal())?;
+    let location = format!("/payments/{}", payment.id);
     state.ledger().insert(&user_id, payment.clone());
+    created(&location, payment)
+}
+
+/// A `201 Created` answer: `Location` and the new resource as JSON.
+type Created<T> = (StatusCode, [(header::HeaderName, HeaderValue); 1], Json<T>);
+
+fn created<T>(location: &str, resource: T) -> Result<Created<T>, ApiProblem> {
+    let location = HeaderValue::try_from(location).map_err(|_| ApiProblem::internal())?;
     Ok((
         StatusCode::CREATED,
         [(header::LOCATION, location)],
-        Json(payment),
+        Json(resource),
     ))
 }
 
@@ -534,14 +534,7 @@ async fn create_refund(
     State(state): State<AppState>,
     Path(payment_id): Path<String>,
     ApiJson(new): ApiJson<NewRefund>,
-) -> Result<
-    (
-        StatusCode,
-        [(header::HeaderName, HeaderValue); 1],
-        Json<Refund>,
-    ),
-    ApiProblem,
-> {
+) -> Result<Created<Refund>, ApiProblem> {
     if new.amount == 0 {
         return Err(ApiProblem::new(
             StatusCode::UNPROCESSABLE_ENTITY,
@@ -570,13 +563,10 @@ async fn create_refund(
             ));
         }
     };
-    let location = HeaderValue::try_from(format!("/payments/{payment_id}/refunds/{}", refund.id))
-        .map_err(|_| ApiProblem::internal())?;
-    Ok((
-        StatusCode::CREATED,
-        [(header::LOCATION, location)],
-        Json(refund),
-    ))
+    created(
+        &format!("/payments/{payment_id}/refunds/{}", refund.id),
+        refund,
+    )
 }
 
 /// A payment's refunds, oldest first.
